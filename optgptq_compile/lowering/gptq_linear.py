@@ -1,0 +1,76 @@
+"""``optgptq::gptq_linear``: y = x @ dequant(W) + bias over HF GPTQ tensors; the reference and fake implementations.
+
+The reference (``torch_gptq_linear``) is the ground truth for every kernel and the CPU path. GPU kernels register
+as separate ops and are chosen by ``lowering.select_kernels``; this op's own implementation stays plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..quant.format import dequantize
+from ..quant.packing import SUPPORTED_BITS
+
+
+def check_gptq_shapes(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+) -> None:
+    """Raise a ValueError naming the tensor whose shape or dtype does not fit the GPTQ layout."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"gptq_linear: unsupported bits={bits}; supported {SUPPORTED_BITS}")
+    k, n = x.shape[-1], scales.shape[-1]
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"gptq_linear: {name} must be int32, got {t.dtype}")
+    if qweight.shape != (k * bits // 32, n) or (k * bits) % 32:
+        raise ValueError(f"gptq_linear: qweight {tuple(qweight.shape)} does not fit x[..., {k}] and scales [G, {n}]")
+    if g_idx.shape != (k,):
+        raise ValueError(f"gptq_linear: g_idx {tuple(g_idx.shape)} must be [{k}]")
+    if qzeros.shape != (scales.shape[0], -(-n * bits // 32)):
+        raise ValueError(f"gptq_linear: qzeros {tuple(qzeros.shape)} does not fit scales {tuple(scales.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"gptq_linear: bias {tuple(bias.shape)} must be [{n}]")
+
+
+def torch_gptq_linear(
+    x: torch.Tensor,  # [..., K]
+    qweight: torch.Tensor,  # int32 [K*bits/32, N]
+    qzeros: torch.Tensor,  # int32 [G, N*bits/32]
+    scales: torch.Tensor,  # [G, N]
+    g_idx: torch.Tensor,  # int32 [K]
+    bias: Optional[torch.Tensor],  # [N]
+    bits: int,
+) -> torch.Tensor:  # [..., N]
+    """Reference: dequantize the whole weight in fp32, then one matmul in the activation dtype."""
+    w = dequantize(qweight, qzeros, scales, g_idx, bits).to(x.dtype)  # [K, N]
+    y = x @ w
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+@torch.library.custom_op("optgptq::gptq_linear", mutates_args=())
+def gptq_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    return torch_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits)
+
+
+@gptq_linear.register_fake
+def _gptq_linear_fake(x, qweight, qzeros, scales, g_idx, bias, bits, group_size):
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    return x.new_empty(*x.shape[:-1], scales.shape[-1])

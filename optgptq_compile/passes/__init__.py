@@ -1,0 +1,20 @@
+"""The pass pipeline: each pass is ``fn(gm, ctx) -> changed`` in a file of its own, run in the order of ``PASSES``.
+
+Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
+must happen before they are quantized), and the paged-KV rewrite runs on the matched attention ops.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from ..context import PassContext
+from .quantize_linear import quantize_linear
+
+Pass = Callable[[fx.GraphModule, PassContext], bool]
+
+PASSES: list[Pass] = [
+    quantize_linear,
+]

@@ -1,0 +1,1 @@
+"""The paged-KV runtime: block allocator, paged cache, scheduler (see issue: paged-KV runtime)."""
