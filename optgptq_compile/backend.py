@@ -43,8 +43,12 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, dumper: GraphDumper) -> dic
 
 def _runner(gm: fx.GraphModule, example_inputs: list, ctx: PassContext) -> Callable:
     """What executes the rewritten graph: Inductor on GPUs (it fuses the elementwise glue between our ops and
-    leaves the custom ops opaque), the plain FX graph on the CPU (the reference ops dominate there)."""
-    if ctx.device().type == "cuda":
+    leaves the custom ops opaque), the plain FX graph on the CPU (the reference ops dominate there).
+    ``OPTGPTQ_RUNNER=fx|inductor`` overrides the choice, for benchmarking the two."""
+    runner = os.environ.get("OPTGPTQ_RUNNER") or ("inductor" if ctx.device().type == "cuda" else "fx")
+    if runner not in ("fx", "inductor"):
+        raise ValueError(f"OPTGPTQ_RUNNER={runner!r}: expected 'fx' or 'inductor'")
+    if runner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
