@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from ..context import PassContext
 from . import gptq_linear  # noqa: F401  (registers optgptq::gptq_linear)
+from . import attention  # noqa: F401  (registers optgptq::attention)
 
 # base op overload -> {"triton": the Triton-kernel op overload with the same schema}
 KERNEL_VARIANTS: dict = {}
