@@ -1,0 +1,106 @@
+"""The backend end to end: registration, counters, weight caching and release, fallback, dumps, dense numerics."""
+
+import importlib.metadata
+import os
+
+import pytest
+import torch
+
+import optgptq_compile
+import optgptq_compile.backend as backend
+from optgptq_compile.quant import cache
+from tests.models import tiny_bloom, tiny_llama
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    return sum(p.untyped_storage().nbytes() for p in module.parameters())
+
+
+def test_backend_is_registered_by_import_and_entry_point():
+    assert "optgptq" in torch._dynamo.list_backends(exclude_tags=())
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "optgptq" and ep.value == "optgptq_compile.backend:optgptq_backend" for ep in eps)
+
+
+def test_bad_option_raises_at_compile():
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="optgptq", options={"bits": 6})
+    with pytest.raises(Exception, match="'bits'=6 is invalid"):
+        compiled(torch.randint(3, 128, (1, 4)))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bloom], ids=["llama", "bloom"])
+def test_dense_path_generates_the_same_tokens_as_eager(make):
+    model = make()
+    ids = torch.randint(3, 128, (1, 7))
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    model.forward = torch.compile(model.forward, backend="optgptq", options={"bits": None})
+    got = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+    assert optgptq_compile.stats()["graphs_compiled"] >= 2 and optgptq_compile.stats()["fallbacks"] == 0
+
+
+def test_generate_quantizes_each_weight_once_and_releases_dense_copies(monkeypatch):
+    calls = []
+    real_store = cache.store
+    monkeypatch.setattr(cache, "store", lambda *a: calls.append(1) or real_store(*a))  # once per new quantization
+    model = tiny_llama()
+    before = _storage_bytes(model)
+    ids = torch.randint(3, 128, (1, 7))
+    model.forward = torch.compile(model.forward, backend="optgptq", options={"bits": 4, "group_size": 32})
+    model.generate(ids, max_new_tokens=6, do_sample=False)
+    s = optgptq_compile.stats()
+    assert s["graphs_compiled"] == 3  # prefill, first decode, dynamic-shape decode
+    assert s["linear_rewritten"] == 3 * 14 and s["fallbacks"] == 0
+    assert len(calls) == 14  # the cache serves the second and third graphs
+    freed = before - _storage_bytes(model)
+    quantized = sum(m.weight.numel() * 4 for n, m in model.named_modules() if n.endswith("proj"))
+    assert freed == quantized == s["dense_bytes_released"]
+    with pytest.raises(RuntimeError):  # eager use of a released layer fails loudly, never silently
+        model.model.layers[0].mlp.up_proj(torch.randn(1, 64))
+
+
+def test_keep_dense_keeps_the_model_usable_eagerly():
+    model = tiny_llama()
+    before = _storage_bytes(model)
+    model.forward = torch.compile(model.forward, backend="optgptq", options={"bits": 4, "keep_dense": True,
+                                                                                "group_size": 32})
+    model(torch.randint(3, 128, (1, 5)))
+    assert _storage_bytes(model) == before
+    assert "dense_bytes_released" not in optgptq_compile.stats()
+
+
+def _broken_pass(gm, ctx):
+    raise RuntimeError("pass bug")
+
+
+def test_a_failing_pass_falls_back_to_the_unmodified_graph(monkeypatch):
+    monkeypatch.setattr(backend, "PASSES", [*backend.PASSES, _broken_pass])
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 6))
+    expected = model(ids).logits
+    compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 32})
+    torch.testing.assert_close(compiled(ids).logits, expected)  # dense result: nothing was released
+    assert optgptq_compile.stats()["fallbacks"] == 1
+
+
+def test_strict_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setattr(backend, "PASSES", [_broken_pass])
+    compiled = torch.compile(tiny_llama(), backend="optgptq", options={"strict": True})
+    with pytest.raises(Exception, match="pass bug"):
+        compiled(torch.randint(3, 128, (1, 6)))
+
+
+def test_dump_dir_writes_graphs_and_report(tmp_path):
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 32, "dump_dir": tmp_path})
+    compiled(torch.randint(3, 128, (1, 6)))
+    graph_dirs = sorted(os.listdir(tmp_path))
+    assert len(graph_dirs) == 1
+    files = sorted(os.listdir(tmp_path / graph_dirs[0]))
+    assert files[0].startswith("00_captured") and "report.txt" in files
+    assert any("after_quantize_linear" in f for f in files) and any(f.endswith("final.py") for f in files)
+    final = open(tmp_path / graph_dirs[0] / [f for f in files if f.endswith("final.py")][0]).read()
+    assert "optgptq.gptq_linear" in final
+    report = open(tmp_path / graph_dirs[0] / "report.txt").read()
+    assert "REWROTE" in report and "lm_head.weight: output head stays dense" in report
