@@ -12,6 +12,7 @@ import torch.fx as fx
 from ..context import PassContext
 from . import gptq_linear  # noqa: F401  (registers optgptq::gptq_linear)
 from . import attention  # noqa: F401  (registers optgptq::attention)
+from . import paged_attention  # noqa: F401  (registers optgptq::kv_write, paged_attention, kv_gather)
 
 # base op overload -> {"triton": the Triton-kernel op overload with the same schema}
 KERNEL_VARIANTS: dict = {}
