@@ -81,3 +81,24 @@ def calibration_tokens(tokenizer, n: int = 32, length: int = 512) -> torch.Tenso
 
 def eval_tokens(tokenizer, n: int = 12, length: int = 512) -> torch.Tensor:
     return token_windows(tokenizer, EVAL_FILES, n, length)
+
+
+def load_pretrained(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from ``"smollm2"`` (the offline model), a HF model directory, or a ``.gguf`` file.
+
+    Never touches the network: directories load with ``local_files_only``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "smollm2":
+        return load_smollm2(dtype)
+    if spec.endswith(".gguf") and os.path.isfile(spec):
+        folder, name = os.path.split(os.path.abspath(spec))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
+        return model.eval(), AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    raise FileNotFoundError(
+        f"model {spec!r} not found: pass 'smollm2', a directory with config.json, or a .gguf file"
+    )
