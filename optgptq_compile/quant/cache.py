@@ -59,3 +59,15 @@ def release_dense(param: torch.Tensor) -> int:
 
 def is_released(param: torch.Tensor) -> bool:
     return param in _released
+
+
+def quantized_bytes(params) -> int:
+    """Bytes of the packed tensors cached for ``params`` (each distinct tensor counted once)."""
+    seen, total = set(), 0
+    for p in params:
+        for qw in _cache.get(p, {}).values():
+            for t in qw.tensors().values():
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+    return total
