@@ -11,10 +11,12 @@ from typing import Callable
 import torch.fx as fx
 
 from ..context import PassContext
+from .match_attention import match_attention
 from .quantize_linear import quantize_linear
 
 Pass = Callable[[fx.GraphModule, PassContext], bool]
 
 PASSES: list[Pass] = [
+    match_attention,
     quantize_linear,
 ]
