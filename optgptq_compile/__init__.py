@@ -23,6 +23,7 @@ _LAZY = {
     "generate": "optgptq_compile.runtime.generate",
     "perplexity": "optgptq_compile.eval",
     "export_mlir": "optgptq_compile.mlir",
+    "convert_gqa": "optgptq_compile.gqa",
     "weight_bytes": "optgptq_compile.memory",
 }
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch.fx as fx
 
 from ..context import PassContext
+from .convert_gqa import convert_gqa
 from .match_attention import match_attention
 from .quantize_linear import quantize_linear
 
@@ -18,5 +19,6 @@ Pass = Callable[[fx.GraphModule, PassContext], bool]
 
 PASSES: list[Pass] = [
     match_attention,
+    convert_gqa,
     quantize_linear,
 ]
