@@ -163,10 +163,16 @@ def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, alibi
 
 
 @torch.library.custom_op("optgptq::kv_gather", mutates_args=())
-def kv_gather(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, out_len: int) -> torch.Tensor:
+def kv_gather(
+    cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, out_len: int, lengths_are_mask: bool
+) -> torch.Tensor:
+    """``lengths_are_mask``: the caller promises that the attention mask of this forward masks exactly the
+    positions outside ``context_lens`` (true for the runtime's batches; not for HF generate, whose cache holds
+    left-pad tokens). Only then may the ``paged_kv`` pass replace the gather + masked attention by
+    ``paged_attention``, which knows no other mask. The flag does not change what the op computes."""
     return torch_kv_gather(cache, block_tables, context_lens, out_len)
 
 
 @kv_gather.register_fake
-def _kv_gather_fake(cache, block_tables, context_lens, out_len):
+def _kv_gather_fake(cache, block_tables, context_lens, out_len, lengths_are_mask):
     return cache.new_empty(block_tables.shape[0], cache.shape[2], out_len, cache.shape[3])

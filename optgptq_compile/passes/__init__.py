@@ -13,6 +13,7 @@ import torch.fx as fx
 from ..context import PassContext
 from .convert_gqa import convert_gqa
 from .match_attention import match_attention
+from .paged_kv import paged_kv
 from .quantize_linear import quantize_linear
 
 Pass = Callable[[fx.GraphModule, PassContext], bool]
@@ -20,5 +21,6 @@ Pass = Callable[[fx.GraphModule, PassContext], bool]
 PASSES: list[Pass] = [
     match_attention,
     convert_gqa,
+    paged_kv,
     quantize_linear,
 ]

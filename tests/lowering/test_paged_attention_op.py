@@ -96,7 +96,7 @@ def test_kv_write_skips_negative_slots_and_casts():
 
 def test_kv_gather_left_pads():
     k_cache, _, tables, lens, dense = _paged_setup([5, 9, 1], 2, 8)
-    out = torch.ops.optgptq.kv_gather(k_cache, tables, lens, 11)  # 11 > longest context: all rows padded
+    out = torch.ops.optgptq.kv_gather(k_cache, tables, lens, 11, True)  # 11 > longest context: all rows padded
     assert out.shape == (3, 2, 11, 8)
     for b, (k, _) in enumerate(dense):
         n = k.shape[0]
@@ -114,7 +114,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.optgptq.kv_write.default,
                           (torch.randn(3, 2, 8, dtype=dtype), torch.randn(3, 2, 8, dtype=dtype), k_cache.clone(),
                            v_cache.clone(), torch.tensor([3, -1, 17])))
-    torch.library.opcheck(torch.ops.optgptq.kv_gather.default, (k_cache, tables, lens, 9))
+    torch.library.opcheck(torch.ops.optgptq.kv_gather.default, (k_cache, tables, lens, 9, False))
 
 
 def test_shape_errors_name_the_tensor():

@@ -1,0 +1,292 @@
+"""Continuous batching over a ``PagedKVCache``: requests, admission, preemption, and one model step at a time.
+
+Each ``Engine.step()``: running requests get a slot for their next token (when the pool is full the newest
+running request is preempted: its blocks are freed and it is recomputed later from its prompt + the tokens it
+already produced, so nothing is dropped or corrupted); waiting requests are admitted FIFO while blocks, batch size
+and the prefill token budget allow; prefills and decodes share a step when the padding that costs is small,
+otherwise the prefills go first. The batch is left-padded to its longest new-token run (HF's layout).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+from .block_allocator import BlockTable, OutOfBlocks
+from .paged_cache import PagedKVCache
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclasses.dataclass
+class Request:
+    index: int  # position in the caller's list (or the id add_request returned)
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset
+    generator: Optional[torch.Generator] = None
+    output: list[int] = dataclasses.field(default_factory=list)
+    table: BlockTable = dataclasses.field(default_factory=BlockTable)
+    num_computed: int = 0  # leading tokens whose K/V are in the pool
+    finish_reason: Optional[str] = None  # "stop", "length"
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclasses.dataclass
+class StepEvent:
+    """One new token of one request (what streaming delivers)."""
+
+    index: int
+    token: int
+    finished: bool
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    mixed_steps: int = 0
+    graph_steps: int = 0
+    preemptions: int = 0
+    tokens_generated: int = 0
+    peak_blocks_used: int = 0
+    peak_tokens_live: int = 0
+
+
+def model_config(model) -> object:
+    """The HF config behind a model, an OptimizedModule (``torch.compile(model)``) or a model whose ``forward``
+    was replaced by a compiled one."""
+    return getattr(model, "_orig_mod", model).config
+
+
+def _forward_params(model) -> set:
+    base = getattr(model, "_orig_mod", model)
+    return set(inspect.signature(type(base).forward).parameters)
+
+
+class Engine:
+    """Serves requests on ``model`` with a paged cache of ``num_blocks`` blocks (see module docstring)."""
+
+    def __init__(self, model, cache: PagedKVCache, max_seq_len: int, *, max_batch_size: int = 64,
+                 max_prefill_tokens: int = 4096, pad_token_id: int = 0, graphs=None):
+        self.model, self.cache = model, cache
+        self.config = model_config(model)
+        self.max_context = getattr(self.config, "max_position_embeddings", None)
+        self.block_size = cache.block_size
+        self.table_width = -(-max_seq_len // self.block_size)  # block-table columns: fixed, so shapes stay put
+        self.max_seq_len = self.table_width * self.block_size
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.pad_token_id = pad_token_id
+        self.device = cache.device
+        params = _forward_params(model)
+        self._pass_positions = "position_ids" in params
+        self._pass_logits_to_keep = "logits_to_keep" in params
+        self.graphs = graphs  # cuda_graphs.DecodeGraphs or None
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.finished: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self._next_index = 0
+
+    # --- requests ----------------------------------------------------------------------------------------------
+    def check_request(self, prompt, max_new_tokens: int) -> list[int]:
+        """A request's prompt as a list of ints; a ValueError naming what is wrong otherwise."""
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point():
+                raise ValueError(f"prompt must be a 1-D tensor of token ids, got {prompt.dtype} {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("empty prompt: a request needs at least one token")
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt holds token ids outside [0, {vocab})")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+        if self.max_context is not None and len(prompt) > self.max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens is longer than the model's context "
+                             f"({self.max_context} tokens)")
+        total = len(prompt) + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens exceeds this engine's max_seq_len "
+                             f"{self.max_seq_len}")
+        if -(-total // self.block_size) > self.cache.allocator.num_blocks:
+            raise ValueError(f"a request of {total} tokens cannot fit the KV pool of "
+                             f"{self.cache.allocator.num_blocks} blocks of {self.block_size}")
+        return prompt
+
+    def add_request(self, prompt, max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                    stop_ids=(), index: Optional[int] = None) -> int:
+        """Queue a request (checked first: a bad one raises ValueError and leaves the others untouched)."""
+        prompt = self.check_request(prompt, max_new_tokens)
+        if index is None:
+            index = self._next_index
+        self._next_index = max(self._next_index, index + 1)
+        self.waiting.append(Request(index, prompt, max_new_tokens, params, frozenset(stop_ids),
+                                    make_generator(params, self.device)))
+        return index
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- scheduling --------------------------------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        self.cache.allocator.free(req.table)
+        req.num_computed = 0
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def _reserve_decodes(self) -> list[Request]:
+        """One slot per running request, oldest first; preempt the newest while the pool is full."""
+        alloc, batch = self.cache.allocator, []
+        for req in list(self.running):
+            if req not in self.running:
+                continue  # preempted while making room for an older request
+            while True:
+                try:
+                    slots, copies = alloc.append(req.table, 1)
+                    self.cache.copy_blocks(copies)
+                    batch.append(req)
+                    break
+                except OutOfBlocks:
+                    self._preempt(self.running[-1])
+                    if req not in self.running:
+                        break
+        return batch
+
+    def _pick_prefills(self, decodes: int) -> list[Request]:
+        """Waiting requests that fit now (FIFO: a request that does not fit blocks those behind it)."""
+        alloc, picked, tokens = self.cache.allocator, [], 0
+        free = alloc.num_free - decodes  # every decode may need a fresh block
+        for req in self.waiting:
+            n = len(req.tokens) - req.num_computed
+            need = alloc.blocks_needed(req.table, n)
+            if decodes + len(picked) >= self.max_batch_size or need > free:
+                break
+            if picked and tokens + n > self.max_prefill_tokens:
+                break
+            picked.append(req)
+            tokens, free = tokens + n, free - need
+        return picked
+
+    def _mixing_pays(self, decodes: int, prefills: list[Request]) -> bool:
+        """Padding every row to the longest prefill: worth it while it at most doubles the real token count."""
+        lens = [len(r.tokens) - r.num_computed for r in prefills]
+        return (decodes + len(prefills)) * max(lens) <= 2 * (decodes + sum(lens))
+
+    def _schedule(self) -> list[Request]:
+        prefills = self._pick_prefills(len(self.running))
+        if prefills and self.running and not self._mixing_pays(len(self.running), prefills):
+            decodes = []  # prefill first (it unblocks waiting requests), decodes next step
+            self.stats.prefill_steps += 1
+        else:
+            decodes = self._reserve_decodes() if self.running else []
+            if prefills and decodes:
+                self.stats.mixed_steps += 1
+            elif prefills:
+                self.stats.prefill_steps += 1
+            else:
+                self.stats.decode_steps += 1
+        batch = list(decodes)
+        for req in prefills:
+            if req not in self.waiting:
+                continue
+            try:
+                slots, copies = self.cache.allocator.append(req.table, len(req.tokens) - req.num_computed)
+            except OutOfBlocks:  # decodes took more than foreseen; try again next step
+                break
+            self.cache.copy_blocks(copies)
+            self.waiting.remove(req)
+            self.running.append(req)
+            batch.append(req)
+        if not batch and self.running:  # the prefills did not fit after all: decode instead
+            batch = self._reserve_decodes()
+        if not batch and self.waiting and not self.running:
+            raise RuntimeError("scheduler: an empty pool cannot hold the next request (checked at submission)")
+        return batch
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    def _batch_tensors(self, batch: list[Request], step_len: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Left-padded inputs for ``batch``; ``step_len`` fixes the key length L (CUDA graphs) instead of the
+        longest context."""
+        bs, width = self.block_size, self.table_width
+        feeds = [r.tokens[r.num_computed:r.table.num_tokens] for r in batch]
+        sq = max(len(f) for f in feeds)
+        ctx = [r.table.num_tokens for r in batch]
+        length = step_len or max(ctx)
+        ids, pos, slots, tables, mask = [], [], [], [], []
+        for req, feed, n in zip(batch, feeds, ctx):
+            pad = sq - len(feed)
+            first = req.num_computed
+            ids.append([self.pad_token_id] * pad + feed)
+            pos.append([0] * pad + list(range(first, n)))
+            blocks = req.table.blocks
+            slots.append([-1] * pad + [blocks[t // bs] * bs + t % bs for t in range(first, n)])
+            tables.append(blocks + [0] * (width - len(blocks)))
+            mask.append([0] * (length - n) + [1] * n)
+        dev = self.device
+        return dict(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),  # [B, Sq]
+            position_ids=torch.tensor(pos, dtype=torch.long, device=dev),  # [B, Sq]
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),  # [B, Sq]
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),  # [B, width]
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),  # [B]
+            attention_mask=torch.tensor(mask, dtype=torch.long, device=dev),  # [B, L]
+        )
+
+    def run_model(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward over planned inputs; logits of the last position of every row, [B, V]."""
+        self.cache.set_plan(t["slot_mapping"], t["block_tables"], t["context_lens"], t["attention_mask"])
+        kwargs = dict(input_ids=t["input_ids"], attention_mask=t["attention_mask"], past_key_values=self.cache,
+                      use_cache=True)
+        if self._pass_positions:
+            kwargs["position_ids"] = t["position_ids"]
+        if self._pass_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1]
+
+    def step(self) -> list[StepEvent]:
+        """Run one batch; return the token each request in it produced."""
+        batch = self._schedule()
+        if not batch:
+            return []
+        self.stats.steps += 1
+        decode_only = all(r.table.num_tokens - r.num_computed == 1 for r in batch)
+        if self.graphs is not None and decode_only and self.graphs.fits(len(batch)):
+            logits = self.graphs.run(self, batch)
+            self.stats.graph_steps += 1
+        else:
+            logits = self.run_model(self._batch_tensors(batch))
+        alloc = self.cache.allocator
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, alloc.num_blocks - alloc.num_free)
+        self.stats.peak_tokens_live = max(self.stats.peak_tokens_live, sum(r.table.num_tokens for r in self.running))
+        greedy = [r.params.greedy for r in batch]
+        argmax = logits.argmax(-1).tolist() if any(greedy) else []
+        events = []
+        for i, req in enumerate(batch):
+            req.num_computed = req.table.num_tokens
+            token = argmax[i] if greedy[i] else sample(logits[i], req.params, req.generator)
+            req.output.append(token)
+            self.stats.tokens_generated += 1
+            if token in req.stop_ids:
+                req.finish_reason = "stop"
+            elif len(req.output) >= req.max_new_tokens:
+                req.finish_reason = "length"
+            if req.finish_reason:
+                alloc.free(req.table)
+                self.running.remove(req)
+                self.finished[req.index] = req
+            events.append(StepEvent(req.index, token, req.finish_reason is not None))
+        return events
