@@ -23,6 +23,7 @@ from .context import PassContext
 from .dump import GraphDumper
 from .log import log
 from .lowering import select_kernels
+from .mlir import mlir_dump
 from .passes import PASSES
 from .quant import cache
 
@@ -78,6 +79,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: OptGPTQConfi
     if not config.keep_dense:
         stats.bump("dense_bytes_released", sum(cache.release_dense(p) for p in ctx.dense_to_release))
     dumper.graph("final", work)
+    mlir_dump(work, example_inputs, dumper)  # final.*.mlir when dumping; export_mlir(model) captures here
     dumper.report(ctx, changed, None)
     return _runner(work, example_inputs, ctx)
 

@@ -1,0 +1,242 @@
+"""Export the backend's final FX graph to MLIR with torch-mlir's FX importer.
+
+``raw`` keeps the project's custom ops as ``torch.operator "torch.optgptq.<op>"``. ``torch`` and
+``linalg-on-tensors`` lower the whole graph, so every ``optgptq::*`` op is first decomposed into standard aten ops
+(``DECOMPOSITIONS``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
+as their plain-PyTorch references. Packed GPTQ tensors (``get_attr`` buffers) become literals of the module;
+parameters stay function arguments, in the order of the graph's placeholders.
+
+torch-mlir's own ``quant.matmul_rhs_group_quant`` linalg lowering (``torch-convert-custom-quant-op``) is not in
+its FX pipelines and fits only a narrow case (see README "MLIR export"); the decomposed form works for every
+bit width, act-order ``g_idx``, bias and dtype.
+
+torch-mlir is optional: ``pip install torch-mlir==20261001`` (``pip install "optgptq_compile[mlir]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .log import log
+
+INSTALL_HINT = 'pip install torch-mlir==20261001   (or: pip install "optgptq_compile[mlir]")'
+OUTPUT_TYPES = ("raw", "torch", "linalg-on-tensors")
+
+_captured: Optional[list] = None  # set by _capture_final_graphs(): the backend's final graphs land here
+
+
+def _torch_mlir_fx():
+    try:
+        from torch_mlir import fx as torch_mlir_fx
+    except ImportError as exc:
+        raise ImportError(f"optgptq_compile.export_mlir needs torch-mlir, which is not installed: {INSTALL_HINT}") from exc
+    return torch_mlir_fx
+
+
+def torch_mlir_available() -> bool:
+    try:
+        _torch_mlir_fx()
+    except ImportError:
+        return False
+    return True
+
+
+# ---- decompositions of the project's ops into aten ops torch-mlir lowers --------------------------------------
+
+
+def unpack_last_dim(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., W] holding a little-endian ``bits``-wide bit stream -> int32 [..., V] values, V = W*32/bits
+    rounded up to whole runs of 32 (callers slice off the padding).
+
+    Written with ``torch.bitwise_*`` calls rather than ``>>``/``<<``: torch-mlir has no lowering for
+    ``aten.__rshift__``. 2/4/8 bits: each word holds 32/bits values, one arithmetic shift + mask each (the
+    mask drops the sign bits). 3 bits: 32 values fill 3 words and some straddle two, so the words are widened
+    to int64 (a logical shift) and each value ORs the low part of its word with the high part of the next.
+    """
+    mask = 2**bits - 1
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)  # [32/bits]
+        values = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shifts), mask)  # [..., W, 32/bits]
+        return values.flatten(-2)
+    *lead, nwords = packed.shape
+    words = torch.bitwise_and(packed.to(torch.int64), 0xFFFFFFFF)  # [..., W], as unsigned words
+    if nwords % bits:  # qzeros of an N that is not a multiple of 32: the last run is cut short; pad it
+        words = torch.cat([words, words.new_zeros(*lead, bits - nwords % bits)], dim=-1)
+    words = words.reshape(*lead, -1, bits)  # [..., runs, bits]
+    words = torch.cat([words, torch.zeros_like(words[..., :1])], dim=-1)  # a zero spill word: [..., runs, bits+1]
+    start = torch.arange(32, device=packed.device) * bits  # bit offset of value j in its run of 32
+    word, offset = start // 32, start % 32  # [32] each
+    low = torch.bitwise_right_shift(words.index_select(-1, word), offset)  # [..., runs, 32]
+    high = torch.bitwise_left_shift(words.index_select(-1, word + 1), 32 - offset)
+    return torch.bitwise_and(torch.bitwise_or(low, high), mask).to(torch.int32).flatten(-2)
+
+
+def decompose_gptq_linear(
+    x: torch.Tensor,  # [..., K]
+    qweight: torch.Tensor,  # int32 [K*bits/32, N]
+    qzeros: torch.Tensor,  # int32 [G, N*bits/32]
+    scales: torch.Tensor,  # [G, N]
+    g_idx: torch.Tensor,  # int32 [K]
+    bias: Optional[torch.Tensor],  # [N]
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:  # [..., N]
+    """``optgptq::gptq_linear`` in aten ops: unpack, subtract the zero, scale (fp32, as the reference), matmul."""
+    k, n = x.shape[-1], scales.shape[-1]
+    q = unpack_last_dim(qweight.t(), bits).t()[:k]  # [K, N]
+    zeros = unpack_last_dim(qzeros, bits)[:, :n]  # [G, N]
+    g = g_idx.to(torch.int64)  # act-order: any group per input channel, so gather rather than reshape
+    w = (q - zeros.index_select(0, g)).to(torch.float32) * scales.index_select(0, g).to(torch.float32)  # [K, N]
+    y = torch.matmul(x, w.to(x.dtype))
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+def _decompositions() -> dict:
+    """optgptq op overload (and its kernel variants) -> the aten-level function that replaces it."""
+    from . import lowering
+    from .lowering import attention, paged_attention
+
+    ops = torch.ops.optgptq
+    table: dict = {ops.gptq_linear.default: decompose_gptq_linear, ops.attention.default: attention.torch_attention}
+    if hasattr(ops, "paged_attention"):
+        table[ops.paged_attention.default] = paged_attention.torch_paged_attention
+    if hasattr(ops, "kv_gather"):
+        table[ops.kv_gather.default] = (
+            lambda cache, block_tables, context_lens, out_len, lengths_are_mask: paged_attention.torch_kv_gather(
+                cache, block_tables, context_lens, out_len
+            )
+        )
+    for base, variants in lowering.KERNEL_VARIANTS.items():  # Triton ops share the base op's schema
+        if base in table:
+            table.update({variant: table[base] for variant in variants.values()})
+    return table
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+
+def _concrete_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> tuple:
+    """Real tensors and ints for torch.export. Symbolic sizes (Dynamo's dynamic-shape graphs) are replaced by
+    their example values: the export is then specialized to those sizes, which is logged."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    inputs, symbolic = [], []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and is_fake(value):
+            raise ValueError("export_mlir needs real example inputs; got a FakeTensor (call it outside tracing)")
+        if isinstance(value, torch.SymInt):
+            symbolic.append(str(value))
+            hint = value.node.hint
+            if hint is None:
+                raise ValueError(f"export_mlir: symbolic size {value} has no example value to specialize to")
+            value = int(hint)
+        inputs.append(value)
+    if symbolic:
+        log.warning("export_mlir: graph has symbolic sizes %s; exporting it specialized to the example sizes %s",
+                    symbolic, [v for v in inputs if isinstance(v, int)])
+    return tuple(inputs)
+
+
+def export_program(gm: fx.GraphModule, example_inputs: Sequence, decompose: bool) -> torch.export.ExportedProgram:
+    """``gm`` as an aten-level ExportedProgram; ``decompose`` replaces every optgptq op by its aten decomposition
+    (and applies torch-mlir's usual decompositions)."""
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+
+    inputs = _concrete_inputs(gm, example_inputs)
+    with _outside_dynamo():
+        program = torch.export.export(gm, inputs, strict=False)
+        table = dict(get_decomposition_table())  # a copy: torch-mlir caches (functools.cache) the table it returns
+        if decompose:
+            table.update(_decompositions())
+        return program.run_decompositions(table)
+
+
+@contextlib.contextmanager
+def _outside_dynamo():
+    """The dump exports while Dynamo is compiling; torch.export must not see Dynamo's tracing context."""
+    from torch._guards import tracing
+
+    with tracing(None):
+        yield
+
+
+@contextlib.contextmanager
+def _capture_final_graphs():
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def _final_graph(model: torch.nn.Module, example_inputs: Sequence, options: Optional[dict]) -> tuple:
+    """Compile ``model`` with the optgptq backend (one graph: fullgraph) and return its final graph and inputs."""
+    compiled = torch.compile(model, backend="optgptq", options=options or {}, fullgraph=True, dynamic=False)
+    with _capture_final_graphs() as graphs, torch.no_grad():
+        compiled(*example_inputs)
+    if len(graphs) != 1:
+        raise ValueError(f"export_mlir: compiling the model gave {len(graphs)} final graphs, expected 1 "
+                         "(was it compiled before with other options? call torch._dynamo.reset() first)")
+    return graphs[0]
+
+
+def export_mlir(
+    graph_module_or_model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    output_type: str = "raw",
+    options: Optional[dict] = None,
+):
+    """The optimized graph as a torch-mlir ``Module`` (``str(module)`` is its text).
+
+    ``graph_module_or_model``: a final graph of the optgptq backend (an ``fx.GraphModule`` with the example inputs
+    the backend received) or an ``nn.Module``, which is compiled with ``backend="optgptq"`` and ``options`` and
+    called once on ``example_inputs`` to get that graph. ``output_type``: ``"raw"`` (custom ops kept as
+    ``torch.operator``), ``"torch"`` or ``"linalg-on-tensors"`` (optgptq ops decomposed; the module verifies).
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"export_mlir: output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+    torch_mlir_fx = _torch_mlir_fx()
+    gm, inputs = graph_module_or_model, list(example_inputs)
+    if not isinstance(gm, fx.GraphModule):
+        if not isinstance(gm, torch.nn.Module):
+            raise ValueError(f"export_mlir: expected an fx.GraphModule or nn.Module, got {type(gm).__name__}")
+        gm, inputs = _final_graph(gm, inputs, options)
+    program = export_program(gm, inputs, decompose=output_type != "raw")
+    return torch_mlir_fx.export_and_import(program, output_type=output_type, decomposition_table={})
+
+
+def mlir_text(module, elide: bool = True) -> str:
+    """MLIR text; ``elide`` shortens weight literals to ``__elided__`` (dumps of real models stay small)."""
+    limit = 16 if elide else None
+    return module.operation.get_asm(large_elements_limit=limit, large_resource_limit=limit)
+
+
+def mlir_dump(gm: fx.GraphModule, example_inputs: Sequence, dumper) -> None:
+    """Called by the backend on every final graph: hands it to ``export_mlir`` captures, and when dumping, writes
+    ``final.raw.mlir`` and ``final.linalg.mlir`` (or ``final.mlir.txt`` saying why one is missing)."""
+    if _captured is not None:
+        _captured.append((gm, list(example_inputs)))
+    if not dumper.enabled:
+        return
+    if not torch_mlir_available():
+        dumper.write_text("final.mlir.txt", f"No MLIR dump: torch-mlir is not installed. Install it with:\n"
+                                            f"    {INSTALL_HINT}\n")
+        return
+    notes = []
+    for output_type, filename in (("raw", "final.raw.mlir"), ("linalg-on-tensors", "final.linalg.mlir")):
+        try:
+            dumper.write_text(filename, mlir_text(export_mlir(gm, example_inputs, output_type)))
+        except Exception as exc:  # a dump must never break compilation
+            log.warning("optgptq: MLIR export (%s) of graph failed: %s: %s", output_type, type(exc).__name__, exc)
+            notes.append(f"{output_type}: {type(exc).__name__}: {exc}")
+    if notes:
+        dumper.write_text("final.mlir.txt", "MLIR export failed:\n" + "\n".join(notes) + "\n")
+
+
+__all__: list[str] = ["export_mlir", "mlir_dump", "mlir_text", "decompose_gptq_linear", "unpack_last_dim",
+                      "export_program", "torch_mlir_available", "INSTALL_HINT", "OUTPUT_TYPES"]

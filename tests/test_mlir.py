@@ -1,0 +1,198 @@
+"""MLIR export (torch-mlir): raw keeps the optgptq ops, lowered forms decompose them and verify, the decomposed
+gptq_linear computes what the op computes, dumps carry .mlir files."""
+
+import re
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+
+import optgptq_compile
+from optgptq_compile import mlir
+from optgptq_compile.dump import GraphDumper
+from optgptq_compile.quant.format import default_g_idx, pack_weight
+from tests.models import tiny_llama
+
+needs_torch_mlir = pytest.mark.skipif(
+    not mlir.torch_mlir_available(), reason=f"torch-mlir is not installed ({mlir.INSTALL_HINT})"
+)
+OPTIONS = {"bits": 4, "group_size": 32}
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down (lm_head stays dense: the pass skips it)
+LAYERS = 2  # tiny_llama default
+
+
+@pytest.fixture(scope="module")
+def llama_graphs():
+    """The optgptq final graphs of a tiny Llama's generate(): prefill (static), first decode, dynamic decode."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=LAYERS)
+    model.forward = torch.compile(model.forward, backend="optgptq", options=OPTIONS)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))  # random tokens, not pads
+    with mlir._capture_final_graphs() as graphs, torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    torch._dynamo.reset()
+    return graphs
+
+
+def operators(text: str) -> list[str]:
+    return re.findall(r'torch\.operator "([^"]+)"', text)
+
+
+@needs_torch_mlir
+def test_raw_keeps_custom_ops(llama_graphs):
+    gm, inputs = llama_graphs[0]
+    text = str(optgptq_compile.export_mlir(gm, inputs, "raw"))
+    ops = operators(text)
+    assert ops.count("torch.optgptq.gptq_linear") == LINEARS_PER_LAYER * LAYERS
+    assert ops.count("torch.optgptq.attention") == LAYERS
+    assert "func.func @main" in text
+
+
+@needs_torch_mlir
+@pytest.mark.parametrize("output_type", ["torch", "linalg-on-tensors"])
+def test_lowered_forms_have_no_custom_ops(llama_graphs, output_type):
+    gm, inputs = llama_graphs[0]
+    module = optgptq_compile.export_mlir(gm, inputs, output_type)
+    text = str(module)
+    assert module.operation.verify()
+    assert operators(text) == []
+    if output_type == "torch":
+        assert "torch.aten.bitwise_right_shift.Tensor" in text  # the unpacking of the GPTQ words
+    else:
+        assert not re.search(r"\btorch\.", text.split("\n", 1)[1]), "torch dialect ops left after linalg lowering"
+        assert "linalg.generic" in text
+        assert "linalg.matmul" in text or "linalg.batch_matmul" in text
+        assert "arith.shrsi" in text and "arith.andi" in text  # unpack bits survived as integer ops
+
+
+@needs_torch_mlir
+def test_decomposed_graph_matches_compiled_graph(llama_graphs):
+    """The whole prefill graph with gptq_linear and attention decomposed computes the same logits."""
+    gm, inputs = llama_graphs[0]
+    program = mlir.export_program(gm, inputs, decompose=True)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "optgptq" in t], targets
+    with torch.no_grad():
+        expected = gm(*inputs)[0]
+        got = program.module()(*inputs)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_torch_mlir
+def test_dynamic_graph_exports_specialized(llama_graphs, caplog):
+    """generate()'s third graph has symbolic sizes: exported at the example sizes, with a warning saying so."""
+    gm, inputs = llama_graphs[-1]
+    assert any(isinstance(v, torch.SymInt) for v in inputs), "expected a dynamic-shape graph from generate()"
+    with caplog.at_level("WARNING", logger="optgptq_compile"):
+        module = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
+    assert module.operation.verify() and operators(str(module)) == []
+    assert "specialized" in caplog.text
+
+
+BITS = [2, 3, 4, 8]  # 3: values straddle int32 words (the int64 bit-stream path)
+
+
+class GPTQLinear(torch.nn.Module):
+    """One optgptq::gptq_linear over random packed tensors held as buffers (get_attr, like the backend's)."""
+
+    def __init__(self, n: int, k: int, bits: int, group_size: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        groups = -(-k // group_size)
+        q = torch.randint(0, 2**bits, (n, k), generator=g)
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
+        scales = torch.rand(groups, n, generator=g) * 0.02 + 0.005
+        g_idx = default_g_idx(k, group_size)[torch.randperm(k, generator=g)]  # act-order: groups scattered over K
+        w = pack_weight(q, zeros, scales, g_idx, bits, group_size)
+        for name, t in w.tensors().items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", torch.randn(n, generator=g))
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, x):
+        return torch.ops.optgptq.gptq_linear(
+            x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, self.group_size
+        )
+
+
+@needs_torch_mlir
+@pytest.mark.parametrize("bits", BITS)
+def test_decomposed_gptq_linear_matches_op(bits):
+    # K = 96: three groups of 32, a whole number of 3-bit runs; N = 40: qzeros' last word is partly padding
+    n, k = 40, 96
+    gm = fx.symbolic_trace(GPTQLinear(n, k, bits, group_size=32))
+    x = torch.randn(2, 5, k)  # [B, S, K]: the activation shape of a prefill
+    program = mlir.export_program(gm, [x], decompose=True)
+    assert not [n_ for n_ in program.graph.nodes if "optgptq" in str(n_.target)]
+    expected = gm(x)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+    module = optgptq_compile.export_mlir(gm, [x], "linalg-on-tensors")
+    assert module.operation.verify() and operators(str(module)) == []
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_last_dim_matches_packing(bits):
+    """The MLIR-friendly unpacking (torch.bitwise_* only) against the packing module's own unpack."""
+    from optgptq_compile.quant.packing import pack_cols, unpack_cols
+
+    values = torch.randint(0, 2**bits, (6, 64), generator=torch.Generator().manual_seed(bits))
+    packed = pack_cols(values, bits)  # int32 [6, 64*bits/32]
+    assert torch.equal(mlir.unpack_last_dim(packed, bits), unpack_cols(packed, bits))
+    assert torch.equal(mlir.unpack_last_dim(packed, bits)[:, :64], values.to(torch.int32))
+
+
+@needs_torch_mlir
+def test_paged_attention_lowers():
+    """paged_attention (when the paged-KV pass puts it in a graph) exports to linalg and keeps its numerics."""
+
+    class Paged(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, block_tables, context_lens):
+            return torch.ops.optgptq.paged_attention(q, k_cache, v_cache, block_tables, context_lens, None, True, 0.25)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)  # decode: B=2, Hq=4 over Hkv=2, one query each
+    k_cache, v_cache = torch.randn(2, 6, 4, 2, 16, generator=g)  # [blocks=6, block_size=4, Hkv=2, D=16]
+    block_tables = torch.tensor([[0, 3], [5, 1]], dtype=torch.int32)
+    context_lens = torch.tensor([7, 5], dtype=torch.int32)  # both sequences span two blocks, second not full
+    inputs = [q, k_cache, v_cache, block_tables, context_lens]
+    gm = fx.symbolic_trace(Paged())
+    program = mlir.export_program(gm, inputs, decompose=True)
+    torch.testing.assert_close(program.module()(*inputs), gm(*inputs), rtol=1e-5, atol=1e-5)
+    module = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
+    assert module.operation.verify() and operators(str(module)) == []
+
+
+@needs_torch_mlir
+def test_export_from_model_and_dump(tmp_path):
+    """export_mlir(model, inputs) compiles the model itself; dumps carry the raw and linalg MLIR."""
+    model = tiny_llama(layers=1)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    text = str(optgptq_compile.export_mlir(model, (ids,), "raw", options={**OPTIONS, "dump_dir": str(tmp_path)}))
+    assert operators(text).count("torch.optgptq.gptq_linear") == LINEARS_PER_LAYER
+    (dump,) = tmp_path.glob("graph_*")  # one graph; its number counts every graph compiled in this process
+    raw, linalg = (dump / "final.raw.mlir").read_text(), (dump / "final.linalg.mlir").read_text()
+    assert "torch.optgptq.gptq_linear" in raw
+    assert "linalg.generic" in linalg and "torch.operator" not in linalg
+    assert not (dump / "final.mlir.txt").exists()
+
+
+def test_dump_says_how_to_install_when_torch_mlir_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(mlir, "torch_mlir_available", lambda: False)
+    gm = fx.symbolic_trace(torch.nn.Linear(4, 4))
+    mlir.mlir_dump(gm, [torch.randn(1, 4)], GraphDumper(str(tmp_path), 0))
+    note = (tmp_path / "graph_000" / "final.mlir.txt").read_text()
+    assert "pip install torch-mlir" in note
+    assert not list(tmp_path.glob("graph_000/*.mlir"))
+
+
+def test_missing_torch_mlir_raises_import_error_with_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_mlir", None)  # makes `import torch_mlir` fail
+    gm = fx.symbolic_trace(torch.nn.Linear(4, 4))
+    with pytest.raises(ImportError, match="pip install torch-mlir"):
+        optgptq_compile.export_mlir(gm, [torch.randn(1, 4)])
+
+
+def test_bad_output_type_is_a_value_error():
+    with pytest.raises(ValueError, match="output_type"):
+        optgptq_compile.export_mlir(torch.nn.Linear(4, 4), [torch.randn(1, 4)], "tosa")
