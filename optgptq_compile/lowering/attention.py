@@ -4,7 +4,8 @@ Semantics (the contract every kernel variant matches):
 
 - ``q`` [B, Hq, Sq, D], ``k``/``v`` [B, Hkv, Skv, D], Hq a multiple of Hkv: query head h reads KV head
   ``h // (Hq // Hkv)`` (HF's ``repeat_kv`` order; Hq == Hkv is plain multi-head attention).
-- ``scores = scale * q @ k^T`` accumulated in fp32, softmax in fp32, output cast back to ``q.dtype``.
+- ``scores = scale * q @ k^T`` accumulated in fp32 (fp64 inputs: fp64), softmax likewise, output in ``q.dtype``.
+- Differentiable (backward through the reference), so a compiled model can still be trained.
 - ``causal``: query i sits at key position ``Skv - Sq + i`` (prefill: Sq == Skv; decode: the new tokens are the
   last Sq keys) and sees keys at positions <= its own.
 - ``alibi_slopes`` fp32 [Hq]: adds ``slope[h] * (key_pos - query_pos)`` to the scores. BLOOM adds
@@ -72,13 +73,14 @@ def torch_attention(
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     group = hq // hkv
-    qf = q.float().reshape(b, hkv, group, sq, d)  # [B, Hkv, G, Sq, D]
-    scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()) * scale  # [B, Hkv, G, Sq, Skv]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 accumulate in fp32, fp64 stays fp64
+    qf = q.to(acc).reshape(b, hkv, group, sq, d)  # [B, Hkv, G, Sq, D]
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.to(acc)) * scale  # [B, Hkv, G, Sq, Skv]
     key_pos = torch.arange(skv, device=q.device)  # [Skv]
     query_pos = torch.arange(sq, device=q.device) + (skv - sq)  # [Sq]
     if alibi_slopes is not None:
         rel = (key_pos[None, :] - query_pos[:, None]).float()  # [Sq, Skv]
-        scores = scores + alibi_slopes.reshape(hkv, group, 1, 1) * rel  # broadcast over B
+        scores = scores + alibi_slopes.to(acc).reshape(hkv, group, 1, 1) * rel.to(acc)  # broadcast over B
     allowed = torch.ones(b, 1, 1, sq, skv, dtype=torch.bool, device=q.device)  # [B, 1, 1, Sq, Skv]
     if causal:
         allowed = allowed & (key_pos[None, :] <= query_pos[:, None])
@@ -87,7 +89,7 @@ def torch_attention(
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, 0.0)  # rows with no key: 0, not NaN
-    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.float())  # [B, Hkv, G, Sq, D]
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.to(acc))  # [B, Hkv, G, Sq, D]
     return out.reshape(b, hq, sq, d).to(q.dtype)
 
 
@@ -111,3 +113,23 @@ def attention(
 def _attention_fake(q, k, v, alibi_slopes, key_padding_mask, causal, scale):
     check_attention_shapes(q, k, v, alibi_slopes, key_padding_mask, causal)
     return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi_slopes, key_padding_mask, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, alibi_slopes, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad):
+    """Gradients of q, k, v by differentiating the reference (so a compiled model can still be fine-tuned)."""
+    q, k, v, alibi_slopes, key_padding_mask = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad[:3])]
+        out = torch_attention(*leaves, alibi_slopes, key_padding_mask, ctx.causal, ctx.scale)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad)) if wanted else iter(())
+    return (*(next(grads) if t.requires_grad else None for t in leaves), None, None, None, None)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -104,6 +104,16 @@ def test_opcheck():
         torch.library.opcheck(op.default, args)
 
 
+def test_backward_matches_reference_autograd():
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 4, 2, 3, 6, 8, torch.float64))
+    pad = torch.tensor([[True] * 6, [False] + [True] * 5])
+    grad = torch.randn(2, 4, 3, 8, dtype=torch.float64)
+    got = torch.autograd.grad(op(q, k, v, _slopes(4), pad, True, 0.4), (q, k, v), grad)
+    want = torch.autograd.grad(_expected(q, k, v, _slopes(4), pad, True, 0.4)[0], (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-5, atol=1e-5)  # reference runs in fp32
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = _inputs(2, 4, 2, 3, 5, 8, torch.float32)
     with pytest.raises(ValueError, match="multiple of KV heads"):
