@@ -212,6 +212,19 @@ def test_no_match_bloom_training_dropout_and_output_attentions():
     assert ATTENTION not in call_targets(graphs[0])
 
 
+def test_training_without_dropout_is_rewritten_and_differentiable():
+    # HF passes dropout_p=0.0 when attention_dropout is 0, even in train(): the op must then give the same grads
+    eager, compiled = tiny_llama(), tiny_llama()
+    eager.train(), compiled.train()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    eager(ids, labels=ids).loss.backward()
+    with recording() as graphs:
+        torch.compile(compiled, backend="optgptq", options=DENSE)(ids, labels=ids).loss.backward()
+    assert rewritten(graphs[0]) == 2
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------- whole models
 
 
