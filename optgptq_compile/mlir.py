@@ -16,6 +16,7 @@ torch-mlir is optional: ``pip install torch-mlir==20261001`` (``pip install "opt
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 from typing import Any, Optional, Sequence
 
 import torch
@@ -95,6 +96,41 @@ def decompose_gptq_linear(
     return y + bias.to(y.dtype) if bias is not None else y
 
 
+def kv_write_aten(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [T], -1 = padding token
+) -> None:
+    """``optgptq::kv_write`` in aten ops with static shapes: padding tokens (slot -1) are written to a scratch row
+    past the pool, which is then dropped. torch.export turns the in-place copy into an updated cache output."""
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
+        padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # row num_slots: the scratch row
+        slots = torch.where(slot_mapping >= 0, slot_mapping, flat.shape[0])  # [T]
+        flat.copy_(padded.index_put((slots,), new.to(cache.dtype))[:-1])
+
+
+def _replace_mutating_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with kv_write calls replaced by ``kv_write_aten``: a mutating custom op reaches torch-mlir
+    as ``auto_functionalized_v2``, which its FX importer cannot import, even in the raw form."""
+    from . import lowering
+
+    kv_write = getattr(torch.ops.optgptq, "kv_write", None)
+    if kv_write is None:
+        return gm
+    targets = {kv_write.default, *lowering.KERNEL_VARIANTS.get(kv_write.default, {}).values()}
+    if not any(n.target in targets for n in gm.graph.nodes):
+        return gm
+    copy = fx.GraphModule(gm, copy_module.deepcopy(gm.graph))
+    for node in copy.graph.nodes:
+        if node.op == "call_function" and node.target in targets:
+            node.target = kv_write_aten
+    copy.recompile()
+    return copy
+
+
 def _decompositions() -> dict:
     """optgptq op overload (and its kernel variants) -> the aten-level function that replaces it."""
     from . import lowering
@@ -134,6 +170,8 @@ def _concrete_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> tuple:
             if hint is None:
                 raise ValueError(f"export_mlir: symbolic size {value} has no example value to specialize to")
             value = int(hint)
+        if isinstance(value, torch.Tensor) and value.is_inference():  # the runtime runs under inference_mode,
+            value = value.clone()  # whose tensors torch.export cannot trace together with parameters
         inputs.append(value)
     if symbolic:
         log.warning("export_mlir: graph has symbolic sizes %s; exporting it specialized to the example sizes %s",
@@ -148,7 +186,7 @@ def export_program(gm: fx.GraphModule, example_inputs: Sequence, decompose: bool
 
     inputs = _concrete_inputs(gm, example_inputs)
     with _outside_dynamo():
-        program = torch.export.export(gm, inputs, strict=False)
+        program = torch.export.export(_replace_mutating_ops(gm), inputs, strict=False)
         table = dict(get_decomposition_table())  # a copy: torch-mlir caches (functools.cache) the table it returns
         if decompose:
             table.update(_decompositions())

@@ -196,3 +196,42 @@ def test_missing_torch_mlir_raises_import_error_with_install_command(monkeypatch
 def test_bad_output_type_is_a_value_error():
     with pytest.raises(ValueError, match="output_type"):
         optgptq_compile.export_mlir(torch.nn.Linear(4, 4), [torch.randn(1, 4)], "tosa")
+
+
+@needs_torch_mlir
+def test_paged_runtime_graph_exports_with_cache_updates():
+    """optgptq_compile.generate's graphs hold kv_write (mutates the pools) and paged_attention: both export; the
+    decomposed program returns the updated pools and computes the same logits and pools as the compiled graph."""
+    model = tiny_llama(layers=1)
+    model.forward = torch.compile(model.forward, backend="optgptq", options=OPTIONS)
+    with mlir._capture_final_graphs() as graphs, torch.no_grad():
+        optgptq_compile.generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], max_new_tokens=2)  # ragged: pads in slots
+    gm, inputs = graphs[0]
+    assert {"optgptq.kv_write.default", "optgptq.paged_attention.default"} <= {str(n.target) for n in gm.graph.nodes}
+    raw = str(optgptq_compile.export_mlir(gm, inputs, "raw"))
+    assert "torch.optgptq.paged_attention" in operators(raw)
+    linalg = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
+    assert linalg.operation.verify() and operators(str(linalg)) == []
+
+    program = mlir.export_program(gm, inputs, decompose=True)
+    mutated = [s.target for s in program.graph_signature.output_specs if s.kind.name == "USER_INPUT_MUTATION"]
+    assert len(mutated) == 2, mutated  # the K and V pools of the one layer
+
+    def is_pool(x):  # the [blocks, block_size, Hkv, D] K/V pools; parameters are shared, released ones have no data
+        return isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.dim() == 4
+
+    def fresh():  # empty pools (the generate run filled the live ones): the prefill must write the prompts' K/V
+        return [torch.zeros_like(x) if is_pool(x) else x.clone() if isinstance(x, torch.Tensor)
+                and not isinstance(x, torch.nn.Parameter) else x for x in mlir._concrete_inputs(gm, inputs)]
+
+    expected_in, got_in, before = fresh(), fresh(), fresh()
+    with torch.no_grad():
+        expected = gm(*expected_in)[0]
+        got = program.module()(*got_in)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    pools = [(a, b, c) for a, b, c in zip(got_in, expected_in, before) if is_pool(a)]
+    assert len(pools) == 2
+    for a, b, c in pools:
+        assert not torch.equal(b, c)  # the prefill wrote the prompts' K/V
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a == 0, b == 0)  # same slots written, same slots left empty
