@@ -248,6 +248,82 @@ def export_mlir(
     return torch_mlir_fx.export_and_import(program, output_type=output_type, decomposition_table={})
 
 
+# ---- execution of a linalg-on-tensors module (a second, independent check of the lowered graph) -----------------
+
+_LOWER_TO_LOOPS = "func.func(linalg-generalize-named-ops),one-shot-bufferize{bufferize-function-boundaries " \
+                  "function-boundary-type-conversion=identity-layout-map}"
+_LOWER_TO_LLVM = ("func.func(convert-linalg-to-loops),func.func(lower-affine),convert-scf-to-cf,func.func(arith-expand),"
+                  "expand-strided-metadata,finalize-memref-to-llvm,convert-math-to-llvm,convert-math-to-libm,"
+                  "convert-arith-to-llvm,convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts")
+
+
+def _ops_named(op, name: str) -> list:
+    found = []
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                if child.operation.name == name:
+                    found.append(child.operation)
+                found += _ops_named(child.operation, name)
+    return found
+
+
+def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Execute a ``linalg-on-tensors`` module from ``export_mlir`` on the CPU with MLIR's ExecutionEngine (JIT via
+    LLVM, plain loops) and return its results. Consumes ``module`` (lowered in place).
+
+    The pipeline is upstream MLIR only, as the torch-mlir wheel registers it in Python: bufferize, turn
+    ``memref.copy`` into ``linalg.copy`` (the JIT has no ``memrefCopy`` runtime library), loops, LLVM. Graphs with
+    ``tm_tensor`` ops (the paged graphs' scatter) need torch-mlir's RefBackend passes and are refused."""
+    import ctypes
+
+    import numpy as np
+    from torch_mlir import ir
+    from torch_mlir.dialects import linalg
+    from torch_mlir.execution_engine import ExecutionEngine
+    from torch_mlir.passmanager import PassManager
+    from torch_mlir.runtime import as_ctype, get_ranked_memref_descriptor, make_nd_memref_descriptor
+    from torch_mlir.runtime import ranked_memref_to_numpy
+
+    (func,) = _ops_named(module.operation, "func.func")
+    if "tm_tensor." in str(module):
+        raise ValueError("run_linalg: the module has tm_tensor ops (scatter), which need torch-mlir's RefBackend")
+    with module.context, ir.Location.unknown():
+        func.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
+        results = [ir.RankedTensorType(t) for t in ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results]
+        PassManager.parse(f"builtin.module({_LOWER_TO_LOOPS})").run(module.operation)
+        for copy in _ops_named(module.operation, "memref.copy"):
+            with ir.InsertionPoint(copy):
+                linalg.copy(copy.operands[0], outs=[copy.operands[1]])
+            copy.erase()
+        PassManager.parse(f"builtin.module({_LOWER_TO_LLVM})").run(module.operation)
+    engine = ExecutionEngine(module, opt_level=2)
+
+    numpy_types = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+                   "i8": np.int8, "i1": np.bool_}
+    descriptors = [make_nd_memref_descriptor(len(r.shape), as_ctype(numpy_types[str(r.element_type)]))()
+                   for r in results]
+
+    class Results(ctypes.Structure):  # the C interface returns all results through one struct pointer
+        _fields_ = [(f"r{i}", type(d)) for i, d in enumerate(descriptors)]
+
+    def as_array(t: torch.Tensor) -> np.ndarray:
+        if t.untyped_storage().nbytes() < t.numel() * t.element_size():  # a released dense weight (unused): zeros
+            t = torch.zeros(t.shape, dtype=t.dtype)
+        return np.ascontiguousarray(t.detach().cpu().numpy())
+
+    arrays = [as_array(t) for t in inputs]  # kept alive until the call returns
+    args = [ctypes.pointer(ctypes.pointer(get_ranked_memref_descriptor(a))) for a in arrays]
+    out = Results()
+    if len(descriptors) == 1:
+        out = descriptors[0]
+    engine.invoke("main", ctypes.pointer(ctypes.pointer(out)), *args)
+    if len(descriptors) == 1:
+        return [torch.from_numpy(ranked_memref_to_numpy(ctypes.pointer(out)).copy())]
+    return [torch.from_numpy(ranked_memref_to_numpy(ctypes.pointer(getattr(out, f"r{i}"))).copy())
+            for i in range(len(descriptors))]
+
+
 def mlir_text(module, elide: bool = True) -> str:
     """MLIR text; ``elide`` shortens weight literals to ``__elided__`` (dumps of real models stay small)."""
     limit = 16 if elide else None
@@ -276,5 +352,5 @@ def mlir_dump(gm: fx.GraphModule, example_inputs: Sequence, dumper) -> None:
         dumper.write_text("final.mlir.txt", "MLIR export failed:\n" + "\n".join(notes) + "\n")
 
 
-__all__: list[str] = ["export_mlir", "mlir_dump", "mlir_text", "decompose_gptq_linear", "unpack_last_dim",
+__all__: list[str] = ["export_mlir", "mlir_dump", "mlir_text", "run_linalg", "decompose_gptq_linear", "unpack_last_dim",
                       "export_program", "torch_mlir_available", "INSTALL_HINT", "OUTPUT_TYPES"]
