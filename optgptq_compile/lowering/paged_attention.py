@@ -62,11 +62,21 @@ def torch_kv_write(
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # int64 [T], -1 = padding token, not stored
 ) -> None:
-    """Reference: scatter the valid rows into the flattened pool."""
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]  # [T_valid]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[valid].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[valid].to(v_cache.dtype))
+    """Reference: scatter the rows into the flattened pool without a data-dependent shape (no host sync, so it
+    can run inside a captured CUDA graph): a padding row rewrites the first valid row's slot with that row's own
+    value (duplicate indices carrying equal values are harmless), or slot 0 with its current value when no row is
+    valid."""
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    valid = slot_mapping >= 0  # [T]
+    first = valid.int().argmax()  # index of the first valid row (0 if none)
+    any_valid = valid.any()
+    target = torch.where(valid, slot_mapping, torch.where(any_valid, slot_mapping[first], 0))  # [T]
+    row = valid[:, None, None]
+    k_new = torch.where(row, k, torch.where(any_valid, k[first], k_flat[0])).to(k_cache.dtype)  # [T, Hkv, D]
+    v_new = torch.where(row, v, torch.where(any_valid, v[first], v_flat[0])).to(v_cache.dtype)
+    k_flat.index_copy_(0, target, k_new)
+    v_flat.index_copy_(0, target, v_new)
 
 
 def _gather_positions(block_tables: torch.Tensor, block_size: int, num_blocks: int) -> torch.Tensor:

@@ -60,9 +60,11 @@ def _stop_ids(config, stop_token_ids, eos: bool) -> set:
 
 def build_engine(model, prompts, max_new_tokens, *, num_blocks=None, memory_budget=None, block_size=16,
                  max_batch_size=64, max_prefill_tokens=4096, cuda_graphs=None, graph_sizes=DEFAULT_SIZES,
-                 temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None, stop_at_eos=True):
+                 temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None, stop_at_eos=True,
+                 max_seq_len=None):
     """The engine ``generate`` runs, with every request already checked and queued (exposed for tests and
-    benchmarks that want its stats or the cache)."""
+    benchmarks that want its stats, its cache, or to add requests later: ``max_seq_len`` then sizes the block
+    tables for the longest request to come)."""
     config = model_config(model)
     prompts = _prompts_list(prompts)
     n = len(prompts)
@@ -76,7 +78,7 @@ def build_engine(model, prompts, max_new_tokens, *, num_blocks=None, memory_budg
     for i, m in enumerate(max_new):
         if not (isinstance(m, int) and m > 0):
             raise ValueError(f"max_new_tokens={m!r} for prompt {i} must be a positive int")
-    max_seq_len = max(ln + m for ln, m in zip(lens, max_new))
+    max_seq_len = max(max_seq_len or 0, *(ln + m for ln, m in zip(lens, max_new)))
     if num_blocks is None:
         # enough for every request at once; capped by the budget when one is given
         num_blocks = sum(-(-(ln + m) // block_size) for ln, m in zip(lens, max_new))

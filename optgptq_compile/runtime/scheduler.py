@@ -248,6 +248,10 @@ class Engine:
 
     def run_model(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward over planned inputs; logits of the last position of every row, [B, V]."""
+        for name in ("input_ids", "position_ids", "slot_mapping", "attention_mask", "context_lens", "block_tables"):
+            # batch, new-token and key lengths vary every step: say so up front rather than recompile to learn it
+            for dim in range(t[name].dim() if name != "block_tables" else 1):
+                torch._dynamo.maybe_mark_dynamic(t[name], dim)
         self.cache.set_plan(t["slot_mapping"], t["block_tables"], t["context_lens"], t["attention_mask"])
         kwargs = dict(input_ids=t["input_ids"], attention_mask=t["attention_mask"], past_key_values=self.cache,
                       use_cache=True)

@@ -134,3 +134,11 @@ def test_shape_errors_name_the_tensor():
                                    torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="heads/head_dim"):
         torch.ops.optgptq.kv_write(torch.randn(2, 3, 8), torch.randn(2, 3, 8), k_cache, v_cache, torch.tensor([1, 2]))
+
+
+def test_kv_write_all_padding_changes_nothing():
+    # a CUDA-graph batch padded to its captured size can be all padding; the reference must not sync or write
+    k_cache, v_cache = torch.randn(2, 2, BLOCK_SIZE, 2, 8)
+    before = (k_cache.clone(), v_cache.clone())
+    torch.ops.optgptq.kv_write(torch.randn(3, 2, 8), torch.randn(3, 2, 8), k_cache, v_cache, torch.full((3,), -1))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
