@@ -257,15 +257,17 @@ _LOWER_TO_LLVM = ("func.func(convert-linalg-to-loops),func.func(lower-affine),co
                   "convert-arith-to-llvm,convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts")
 
 
-def _ops_named(op, name: str) -> list:
-    found = []
+def _walk(op):
+    """Every operation nested in ``op``, depth first."""
     for region in op.regions:
         for block in region.blocks:
             for child in block.operations:
-                if child.operation.name == name:
-                    found.append(child.operation)
-                found += _ops_named(child.operation, name)
-    return found
+                yield child.operation
+                yield from _walk(child.operation)
+
+
+def _ops_named(op, name: str) -> list:
+    return [o for o in _walk(op) if o.name == name]
 
 
 def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -286,11 +288,17 @@ def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     from torch_mlir.runtime import ranked_memref_to_numpy
 
     (func,) = _ops_named(module.operation, "func.func")
-    if "tm_tensor." in str(module):
+    if any(o.name.startswith("tm_tensor.") for o in _walk(module.operation)):
         raise ValueError("run_linalg: the module has tm_tensor ops (scatter), which need torch-mlir's RefBackend")
+    numpy_types = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+                   "i8": np.int8, "i1": np.bool_}
     with module.context, ir.Location.unknown():
+        func_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
+        results = [ir.RankedTensorType(t) for t in func_type.results]
+        unsupported = sorted({str(r.element_type) for r in results} - set(numpy_types))
+        if unsupported:
+            raise ValueError(f"run_linalg: result element types {unsupported} have no numpy type (bf16: export fp32)")
         func.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
-        results = [ir.RankedTensorType(t) for t in ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results]
         PassManager.parse(f"builtin.module({_LOWER_TO_LOOPS})").run(module.operation)
         for copy in _ops_named(module.operation, "memref.copy"):
             with ir.InsertionPoint(copy):
@@ -299,8 +307,6 @@ def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         PassManager.parse(f"builtin.module({_LOWER_TO_LLVM})").run(module.operation)
     engine = ExecutionEngine(module, opt_level=2)
 
-    numpy_types = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
-                   "i8": np.int8, "i1": np.bool_}
     descriptors = [make_nd_memref_descriptor(len(r.shape), as_ctype(numpy_types[str(r.element_type)]))()
                    for r in results]
 
@@ -312,16 +318,13 @@ def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             t = torch.zeros(t.shape, dtype=t.dtype)
         return np.ascontiguousarray(t.detach().cpu().numpy())
 
-    arrays = [as_array(t) for t in inputs]  # kept alive until the call returns
+    # sizes given as ints (a specialized dynamic graph) were folded into the module: only tensors are arguments
+    arrays = [as_array(t) for t in inputs if isinstance(t, torch.Tensor)]  # kept alive until the call returns
     args = [ctypes.pointer(ctypes.pointer(get_ranked_memref_descriptor(a))) for a in arrays]
-    out = Results()
-    if len(descriptors) == 1:
-        out = descriptors[0]
+    out = descriptors[0] if len(descriptors) == 1 else Results()
     engine.invoke("main", ctypes.pointer(ctypes.pointer(out)), *args)
-    if len(descriptors) == 1:
-        return [torch.from_numpy(ranked_memref_to_numpy(ctypes.pointer(out)).copy())]
-    return [torch.from_numpy(ranked_memref_to_numpy(ctypes.pointer(getattr(out, f"r{i}"))).copy())
-            for i in range(len(descriptors))]
+    views = [out] if len(descriptors) == 1 else [getattr(out, f"r{i}") for i in range(len(descriptors))]
+    return [torch.from_numpy(ranked_memref_to_numpy(ctypes.pointer(v)).copy()) for v in views]
 
 
 def mlir_text(module, elide: bool = True) -> str:

@@ -12,7 +12,7 @@ import optgptq_compile
 from optgptq_compile import mlir
 from optgptq_compile.dump import GraphDumper
 from optgptq_compile.quant.format import default_g_idx, pack_weight
-from tests.models import tiny_llama
+from tests.models import tiny_bloom, tiny_llama
 
 needs_torch_mlir = pytest.mark.skipif(
     not mlir.torch_mlir_available(), reason=f"torch-mlir is not installed ({mlir.INSTALL_HINT})"
@@ -90,6 +90,26 @@ def test_lowered_graph_executes_like_compiled_graph(llama_graphs):
     assert len(outputs) == len(expected)
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_torch_mlir
+def test_bloom_alibi_graph_lowers():
+    """BLOOM: the fused QKV linear and attention with ALiBi slopes (a get_attr buffer) lower to linalg, and the
+    decomposed graph computes what the compiled graph computes."""
+    model = tiny_bloom(layers=1)
+    model.forward = torch.compile(model.forward, backend="optgptq", options=OPTIONS)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with mlir._capture_final_graphs() as graphs, torch.no_grad():
+        model(ids)
+    gm, inputs = graphs[0]
+    raw = operators(str(optgptq_compile.export_mlir(gm, inputs, "raw")))
+    assert raw.count("torch.optgptq.attention") == 1 and raw.count("torch.optgptq.gptq_linear") == 4
+    linalg = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
+    assert linalg.operation.verify() and operators(str(linalg)) == []
+    program = mlir.export_program(gm, inputs, decompose=True)  # executing it in MLIR too would add ~5 s of JIT
+    with torch.no_grad():
+        for got, want in zip(program.module()(*inputs), gm(*inputs), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_torch_mlir
