@@ -45,7 +45,7 @@ def llama7b_config(layers: int, tiny: bool) -> LlamaConfig:
 def build_model(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
     torch.manual_seed(0)
     with device:
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
     model.generation_config.eos_token_id = None  # random weights: run every request to its full length
     model.generation_config.pad_token_id = 0
     return model.eval()

@@ -89,6 +89,15 @@ class BlockAllocator:
             self.refcount[block] += 1
         return BlockTable(list(table.blocks), table.num_tokens)
 
+    def share_prefix(self, table: BlockTable, num_blocks: int) -> BlockTable:
+        """A new table starting with the first ``num_blocks`` (full) blocks of ``table``, shared: a second request
+        with the same prompt prefix reuses its K/V instead of recomputing and storing it again."""
+        if num_blocks * self.block_size > table.num_tokens:
+            raise ValueError(f"share_prefix: {num_blocks} blocks are more than the {table.num_tokens} tokens held")
+        for block in table.blocks[:num_blocks]:
+            self.refcount[block] += 1
+        return BlockTable(table.blocks[:num_blocks], num_blocks * self.block_size)
+
     def free(self, table: BlockTable) -> None:
         """Give back a finished or preempted sequence's blocks (shared ones stay with their other owners)."""
         for block in table.blocks:

@@ -58,6 +58,7 @@ class EngineStats:
     graph_steps: int = 0
     preemptions: int = 0
     tokens_generated: int = 0
+    prefix_shared_tokens: int = 0  # prompt tokens whose K/V were reused from another request's blocks
     peak_blocks_used: int = 0
     peak_tokens_live: int = 0
 
@@ -166,6 +167,25 @@ class Engine:
                         break
         return batch
 
+    def _share_prefix(self, req: Request) -> None:
+        """Start ``req`` on the full blocks a running request already computed for the same leading tokens."""
+        if req.table.blocks or req.num_computed:
+            return
+        bs, tokens, best, donor = self.block_size, req.tokens, 0, None
+        for other in self.running:
+            limit = min(other.num_computed, len(tokens) - 1)  # the last prompt token is always computed anew
+            common = 0
+            for a, b in zip(tokens[:limit], other.tokens[:limit]):
+                if a != b:
+                    break
+                common += 1
+            if common // bs > best:
+                best, donor = common // bs, other
+        if donor is not None:
+            req.table = self.cache.allocator.share_prefix(donor.table, best)
+            req.num_computed = best * bs
+            self.stats.prefix_shared_tokens += best * bs
+
     def _pick_prefills(self, decodes: int) -> list[Request]:
         """Waiting requests that fit now (FIFO: a request that does not fit blocks those behind it)."""
         alloc, picked, tokens = self.cache.allocator, [], 0
@@ -203,6 +223,7 @@ class Engine:
         for req in prefills:
             if req not in self.waiting:
                 continue
+            self._share_prefix(req)
             try:
                 slots, copies = self.cache.allocator.append(req.table, len(req.tokens) - req.num_computed)
             except OutOfBlocks:  # decodes took more than foreseen; try again next step

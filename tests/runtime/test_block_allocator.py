@@ -58,10 +58,16 @@ def test_random_workload_keeps_invariants(num_blocks, block_size, seed):
             new = [(sid, step, i) for i in range(n)]
             _write(pool, alloc, table, slots, copies, new)
             tokens.extend(new)
-        elif op < 0.8:  # fork (shared prefix)
+        elif op < 0.75:  # fork (the same sequence continued twice)
             sid = rng.choice(list(live))
             table, tokens = live[sid]
             live[next_id] = (alloc.fork(table), list(tokens))
+            next_id += 1
+        elif op < 0.8:  # a new request reusing another's full prompt blocks
+            sid = rng.choice(list(live))
+            table, tokens = live[sid]
+            n = rng.randint(0, table.num_tokens // block_size)
+            live[next_id] = (alloc.share_prefix(table, n), list(tokens[: n * block_size]))
             next_id += 1
         else:
             sid = rng.choice(list(live))

@@ -55,8 +55,8 @@ def generate_and_check(model, prompts, num_blocks, **kw):
     return optgptq_compile.generate(model, prompts, NEW, num_blocks=num_blocks, block_size=BLOCK, **kw)
 
 
-@pytest.mark.parametrize("form", ["module", "forward"])  # torch.compile(model) and model.forward = compile(...)
-@pytest.mark.parametrize("name", list(MODELS))
+# both compile forms, torch.compile(model) and model.forward = torch.compile(...), one per model to save time
+@pytest.mark.parametrize("name,form", [("llama", "module"), ("bloom", "forward")])
 def test_compiled_matches_hf_and_reads_blocks(name, form, references):
     prompts, ref = references[name]
     model = MODELS[name]()
@@ -200,3 +200,16 @@ def test_decode_graph_runner_pads_batches(compiled, references):
             engine.step()
     assert [engine.finished[i].output for i in range(len(prompts))] == ref
     assert engine.stats.graph_steps > 0 and set(engine.graphs.graphs) > {1}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shared_prompt_prefix_is_stored_once(name):
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(3, 128, (37,), generator=g).tolist()  # 2 full blocks of 16 + 5 tokens
+    prompts = [system + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 0, 9, 20, 1)]
+    prompts[1] = system[:33]  # shares 2 blocks, and its last prompt token is still computed by itself
+    news = [6, 9, 4, 7, 5]
+    out = optgptq_compile.generate(model, prompts, news, max_batch_size=2)  # later requests join running ones
+    assert out == _hf_greedy(model, prompts, news)
+    assert last_stats()["prefix_shared_tokens"] >= 32 * 3
