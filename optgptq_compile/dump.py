@@ -2,7 +2,9 @@
 
 Layout: ``<dump_dir>/graph_<NNN>/`` per compiled graph, holding ``00_captured.py`` (the graph Dynamo handed to
 the backend), ``<NN>_after_<pass>.py`` for every pass that changed the graph, ``final.py`` (what runs) and
-``report.txt`` (every candidate each pass looked at: rewritten, or left as plain PyTorch with the reason).
+``report.txt`` (every candidate each pass looked at: rewritten, or left as plain PyTorch with the reason), and
+``final.raw.mlir`` / ``final.linalg.mlir`` (the final graph through torch-mlir, written by ``mlir.mlir_dump``;
+``final.mlir.txt`` instead says how to install torch-mlir, or why an export failed).
 """
 
 from __future__ import annotations
