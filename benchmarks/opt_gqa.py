@@ -4,7 +4,9 @@
 
 Rows: the original model; mean pooling (Ainslie et al. 2023); "aligned" without calibration (weights only, every
 input direction weighted equally); "aligned" with calibration (E[x x^T] of each attention input on the
-calibration texts). Perplexity on held-out license texts disjoint from the calibration texts (data.py).
+calibration texts), one-shot (activations of the original model) and sequential (activations of the model with
+the earlier layers already merged), and the default: sequential plus a least-squares refit of each output
+projection to what the original attention fed it. Perplexity on held-out license texts disjoint from the calibration texts (data.py).
 KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x bytes per element.
 """
 
@@ -45,25 +47,32 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows")
     ap.add_argument("--eval", type=int, default=12, help="evaluation windows")
     ap.add_argument("--length", type=int, default=512, help="tokens per window")
+    ap.add_argument("--rows", default="none,mean,aligned-nocal,aligned-oneshot,aligned-seq,aligned",
+                    help="comma-separated rows to run")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     _, tok = load_smollm2()
     cal = calibration_tokens(tok, args.calibration, args.length)
     ev = eval_tokens(tok, args.eval, args.length)
     print(f"SmolLM2-135M fp32, CPU {torch.get_num_threads()} threads; calibration {tuple(cal.shape)}, eval {tuple(ev.shape)}")
-    rows = [("no merge", None, None), ("mean pooling", "mean", None), ("aligned, no calibration", "aligned", None),
-            ("aligned, calibrated", "aligned", cal)]
+    rows = {
+        "none": ("no merge", None, None, {}),
+        "mean": ("mean pooling", "mean", None, {}),
+        "aligned-nocal": ("aligned, no calibration", "aligned", None, {}),
+        "aligned-oneshot": ("aligned, calibrated one-shot", "aligned", cal, dict(sequential=False, refit=False)),
+        "aligned-seq": ("aligned, calibrated sequential", "aligned", cal, dict(refit=False)),
+        "aligned": ("aligned, sequential + output refit (default)", "aligned", cal, {}),
+    }
     print("| merge | KV heads | perplexity | KV bytes/token | KV memory saved | convert s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    base_bytes = None
-    for name, method, calibration in rows:
+    base_bytes = kv_bytes_per_token(load_smollm2()[0])
+    for name, method, calibration, extra in (rows[r] for r in args.rows.split(",")):
         model, _ = load_smollm2()
         start = time.perf_counter()
         if method is not None:
-            convert_gqa(model, args.kv_heads, calibration=calibration, method=method)
+            convert_gqa(model, args.kv_heads, calibration=calibration, method=method, **extra)
         seconds = time.perf_counter() - start
         kv = kv_bytes_per_token(model)
-        base_bytes = base_bytes or kv
         ppl = perplexity(model, ev)
         print(f"| {name} | {model.config.num_key_value_heads} | {ppl:.2f} | {kv} | {1 - kv / base_bytes:.0%} | "
               f"{seconds:.1f} |", flush=True)

@@ -11,7 +11,9 @@ GQA group):
   tokens (``E[x x^T]``) and by how much each head's error matters downstream (query energy for K, the output
   projection for V). ``B_h`` is folded into the query rows (K side) or the output-projection columns (V side).
   With RoPE, ``B_h`` must commute with the rotations: per frequency pair it is a complex scalar, and the fit
-  is a rank-1 complex SVD per pair.
+  is a rank-1 complex SVD per pair. With calibration tokens the layers are fitted in order on the activations
+  of the already merged model (as GPTQ does), and each output projection is then refitted by least squares so
+  that it maps the merged attention outputs to what the original attention fed it on those tokens.
 
 Llama-family models become true GQA models with ``n`` KV heads (config and projections change; the HF cache
 then holds ``n`` heads). BLOOM's attention module needs as many KV heads as query heads, so its fused
@@ -125,23 +127,76 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _calibrate(model: nn.Module, modules, calibration, batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """E[x x^T], E[x] of every attention's input on the calibration tokens ([N, S] ids or an iterable of such)."""
-    hooks, stats = [], []
-    for _, m in modules:
-        st = _Moments()
-        stats.append(st)
-        hooks.append((m.k_proj if hasattr(m, "k_proj") else m.query_key_value).register_forward_pre_hook(st))
+class _Stop(Exception):
+    pass
+
+
+def _batches(calibration, batch_size: int):
+    for ids in [calibration] if isinstance(calibration, torch.Tensor) else list(calibration):
+        yield from ids.split(batch_size)
+
+
+@torch.no_grad()
+def _first_layer_inputs(model: nn.Module, layer: nn.Module, calibration, batch_size: int = 4) -> list:
+    """(args, kwargs) of the first decoder layer for every calibration batch (the rest of the model is skipped)."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
-        with torch.no_grad():
-            for ids in batches:
-                for chunk in ids.split(batch_size):
-                    model(input_ids=chunk.to(next(model.parameters()).device), use_cache=False)
+        for ids in _batches(calibration, batch_size):
+            try:
+                model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+            except _Stop:
+                pass
     finally:
-        for h in hooks:
-            h.remove()
-    return stats
+        hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, inputs: list, hooked: nn.Module | None = None,
+               captured: nn.Module | None = None) -> tuple[list, _Moments, torch.Tensor | None]:
+    """Run one decoder layer on every batch. Returns the next layer's inputs, E[x x^T] of ``hooked``'s input and
+    every token's input to ``captured`` (the output projection) as [tokens, Hq*D]."""
+    moments, seen = _Moments(), []
+    hooks = [hooked.register_forward_pre_hook(moments)] if hooked is not None else []
+    if captured is not None:
+        hooks.append(captured.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+    outputs = []
+    try:
+        for args, kwargs in inputs:
+            out = layer(*args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if args:
+                outputs.append(((hidden, *args[1:]), kwargs))
+            else:
+                outputs.append(((), {**kwargs, "hidden_states": hidden}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, moments, torch.cat(seen) if seen else None
+
+
+def refit_output(out_proj: nn.Linear, weight: torch.Tensor, original: torch.Tensor, merged: torch.Tensor) -> None:
+    """Least-squares output projection O' = argmin ||O' a_merged - O a_original||^2 over calibration tokens:
+    the attention outputs changed by the merge are mapped back to what the original layer fed its output
+    projection (damped normal equations, in float64). ``weight``: the output projection before the merge."""
+    a_m, a_o = merged.double(), original.double()
+    gram = a_m.T @ a_m
+    gram += DAMP * 10 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = weight.double()
+    with torch.no_grad():
+        out_proj.weight.copy_(torch.linalg.solve(gram, (a_m.T @ a_o) @ w.T).T.to(out_proj.weight.dtype))
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    """The decoder layer that holds the attention module ``name``."""
+    return model.get_submodule(name.rsplit(".", 1)[0])
 
 
 def _convert_llama(attn: nn.Module, cfg, n: int, method: str, chol) -> None:
@@ -218,11 +273,15 @@ def _convert_bloom(attn: nn.Module, heads: int, n: int, method: str, chol) -> No
         lin.bias.copy_(w[:, -1].to(lin.bias.dtype))
 
 
-def convert_gqa(model: nn.Module, kv_heads: int, calibration=None, method: str = "aligned") -> nn.Module:
+def convert_gqa(model: nn.Module, kv_heads: int, calibration=None, method: str = "aligned",
+                sequential: bool = True, refit: bool = True) -> nn.Module:
     """Merge every attention's KV heads into ``kv_heads`` groups (Opt-GQA), in place; returns the model.
 
     ``calibration``: LongTensor [N, S] of token ids (or an iterable of such) for ``method="aligned"``; without
-    it the fit weights every input direction equally. Call before ``torch.compile``.
+    it the fit weights every input direction equally. ``sequential``: fit layer l on the activations of the
+    already merged layers (GPTQ-style) rather than of the original model. ``refit``: then refit each output
+    projection by least squares to what the original attention fed it (calibrated "aligned" only). Call before
+    ``torch.compile``.
     """
     if method not in METHODS:
         raise ValueError(f"convert_gqa: method={method!r} must be one of {METHODS}")
@@ -234,18 +293,29 @@ def convert_gqa(model: nn.Module, kv_heads: int, calibration=None, method: str =
     if kv_heads == hkv:
         return model
     modules = _attention_modules(model)
-    stats = _calibrate(model, modules, calibration) if method == "aligned" and calibration is not None else None
-    for i, (_, attn) in enumerate(modules):
-        chol = None
+    calibrated = method == "aligned" and calibration is not None
+    # GPTQ-style sequential calibration: layer l is fitted on the activations of the already merged layers < l
+    inputs = _first_layer_inputs(model, _parent(model, modules[0][0]), calibration) if calibrated else None
+    for name, attn in modules:
+        chol, outputs, original = None, None, None
+        proj = attn.query_key_value if is_bloom else attn.k_proj
+        out_proj = attn.dense if is_bloom else attn.o_proj
         if method == "aligned":
-            has_bias = is_bloom or attn.k_proj.bias is not None
             k = cfg.hidden_size
-            moment, mean = stats[i].result(k) if stats else (torch.eye(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
-            chol = input_moments(moment.cpu(), mean.cpu(), has_bias)
+            moment, mean = torch.eye(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            if calibrated:
+                outputs, moments, original = _run_layer(_parent(model, name), inputs, proj, out_proj)
+                out_weight = out_proj.weight.detach().clone()
+                moment, mean = moments.result(k)
+            chol = input_moments(moment.cpu(), mean.cpu(), is_bloom or proj.bias is not None)
         if is_bloom:
             _convert_bloom(attn, hq, kv_heads, method, chol)
         else:
             _convert_llama(attn, cfg, kv_heads, method, chol)
+        if calibrated and refit:
+            refit_output(out_proj, out_weight, original, _run_layer(_parent(model, name), inputs, None, out_proj)[2])
+        if calibrated:
+            inputs = _run_layer(_parent(model, name), inputs)[0] if sequential else outputs
     if not is_bloom:
         cfg.num_key_value_heads = kv_heads
     model.optgptq_gqa = {"kv_heads": kv_heads, "method": method, "original_kv_heads": hkv}
