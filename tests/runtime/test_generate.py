@@ -213,3 +213,14 @@ def test_shared_prompt_prefix_is_stored_once(name):
     out = optgptq_compile.generate(model, prompts, news, max_batch_size=2)  # later requests join running ones
     assert out == _hf_greedy(model, prompts, news)
     assert last_stats()["prefix_shared_tokens"] >= 32 * 3
+
+
+def test_memory_budget_in_bytes_sizes_the_pool():
+    model = tiny_llama()
+    per_block = 2 * 2 * 2 * 16 * 4 * BLOCK  # K+V, layers, KV heads, head_dim, fp32 bytes, tokens per block
+    engine = build_engine(model, _prompts(), NEW, block_size=BLOCK, memory_budget=25 * per_block + 7)
+    assert engine.cache.allocator.num_blocks == 25
+    with pytest.raises(ValueError, match="holds no KV block"):
+        build_engine(model, _prompts(), NEW, block_size=BLOCK, memory_budget=per_block - 1)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build_engine(model, _prompts(), NEW, block_size=BLOCK, memory_budget=0.5)

@@ -45,3 +45,21 @@ def test_update_returns_left_padded_context_and_writes_blocks():
     assert torch.equal(stored, torch.cat([k1, k2], 2)[1].transpose(0, 1))
     with pytest.raises(ValueError, match="batch size changed"):
         cache.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16), 0)
+
+
+def test_compiled_hf_generate_with_padding_keeps_the_gather():
+    """HF generate stores left-pad tokens in the cache: paged_attention (which knows only context lengths) would
+    attend to them, so paged_kv must leave this attention alone -- and the answer must stay right."""
+    import optgptq_compile
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model.forward = torch.compile(model.forward, backend="optgptq", options={"bits": None})
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         past_key_values=PagedKVCache(model.config, num_blocks=16, block_size=4))
+    assert torch.equal(out, ref)
+    stats = optgptq_compile.stats()
+    assert stats["paged_kv_skipped"] > 0 and "paged_attention_rewritten" not in stats
