@@ -29,10 +29,14 @@ class OptGPTQConfig:
     keep_dense: bool = False  # keep the dense copies of quantized weights (eager use of the model stays possible)
     strict: bool = False  # raise instead of falling back when a pass fails (for debugging the compiler)
     damp_percent: float = 0.01  # GPTQ Hessian dampening, fraction of the mean diagonal
+    static_groups: bool = False  # GPTQ: group ranges fixed before act-order (g_idx stays k // group_size)
+    true_sequential: bool = True  # GPTQ: calibrate a block's later linears on its already-quantized earlier ones
+    clip_search: bool = True  # scale/zero from a weighted clipping search instead of min-max (GPTQ and RTN)
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
-        return (self.bits, self.group_size, self.act_order, self.sym, self.damp_percent, self.calibration is not None)
+        return (self.bits, self.group_size, self.act_order, self.sym, self.damp_percent, self.static_groups,
+                self.true_sequential, self.clip_search, self.calibration is not None)
 
 
 _ACCEPTED = {
@@ -48,6 +52,9 @@ _ACCEPTED = {
     "keep_dense": "True or False",
     "strict": "True or False",
     "damp_percent": "a float in (0, 1]",
+    "static_groups": "True or False",
+    "true_sequential": "True or False",
+    "clip_search": "True or False",
 }
 
 
@@ -92,6 +99,9 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "keep_dense": _is_bool,
         "strict": _is_bool,
         "damp_percent": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+        "static_groups": _is_bool,
+        "true_sequential": _is_bool,
+        "clip_search": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

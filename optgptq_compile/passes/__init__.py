@@ -11,6 +11,7 @@ from typing import Callable
 import torch.fx as fx
 
 from ..context import PassContext
+from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
 from .match_attention import match_attention
 from .paged_kv import paged_kv
@@ -22,5 +23,6 @@ PASSES: list[Pass] = [
     match_attention,
     convert_gqa,
     paged_kv,
+    calibrate_gptq,
     quantize_linear,
 ]

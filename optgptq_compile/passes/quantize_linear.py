@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from ..context import PassContext
 from ..quant import cache
-from ..quant.rtn import quantize_rtn
+from ..quant.api import quantize_data_free
 from .utils import add_constant, finish_pass, replace_node
 
 NAME = "quantize_linear"
@@ -64,9 +64,8 @@ def quantize_linear(gm: fx.GraphModule, ctx: PassContext) -> bool:
             ctx.skipped(NAME, node, reason)
             continue
         fqn = ctx.placeholder_fqns.get(weight.name, weight.name)
-        qw = cache.get_or_quantize(
-            param, config.quant_key(), lambda w: quantize_rtn(w, config.bits, config.group_size, config.sym)
-        )
+        # GPTQ results are already cached when the model was calibrated (calibrate_gptq); the rest is data-free
+        qw = cache.get_or_quantize(param, config.quant_key(), lambda w: quantize_data_free(w, config))
         qw = qw.to(param.device)
         with gm.graph.inserting_before(node):
             tensors = [add_constant(gm, f"{fqn}.{name}", t) for name, t in qw.tensors().items()]
