@@ -257,15 +257,17 @@ class Engine:
             slots.append([-1] * pad + [blocks[t // bs] * bs + t % bs for t in range(first, n)])
             tables.append(blocks + [0] * (width - len(blocks)))
             mask.append([0] * (length - n) + [1] * n)
-        dev = self.device
-        return dict(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),  # [B, Sq]
-            position_ids=torch.tensor(pos, dtype=torch.long, device=dev),  # [B, Sq]
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),  # [B, Sq]
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),  # [B, width]
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),  # [B]
-            attention_mask=torch.tensor(mask, dtype=torch.long, device=dev),  # [B, L]
-        )
+        # one host-to-device copy for the whole step (a decode step is short: separate copies would show)
+        fields = dict(input_ids=ids, position_ids=pos, slot_mapping=slots, block_tables=tables,
+                      context_lens=[[n] for n in ctx], attention_mask=mask)
+        widths = [len(rows[0]) for rows in fields.values()]
+        flat = torch.tensor([v for rows in fields.values() for row in rows for v in row], dtype=torch.long)
+        parts = flat.to(self.device).split([len(batch) * w for w in widths])  # field by field, row-major
+        # input_ids / position_ids / slot_mapping [B, Sq], attention_mask [B, L]: contiguous views
+        t = {name: part.view(len(batch), w) for name, part, w in zip(fields, parts, widths)}
+        t["block_tables"] = t["block_tables"].int()  # [B, width]
+        t["context_lens"] = t["context_lens"][:, 0].int()  # [B]
+        return t
 
     def run_model(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward over planned inputs; logits of the last position of every row, [B, V]."""
