@@ -115,7 +115,8 @@ def test_streaming_yields_every_token_in_order():
     assert streamed == _hf_greedy(model, prompts, [4, 6, 2])
     assert [e.index for e in events if e.finished] == [2, 0, 1]  # shortest first
     seen = []
-    optgptq_compile.generate(model, prompts, [4, 6, 2], stream=lambda i, t, done: seen.append((i, t)))
+    optgptq_compile.generate(model, prompts, [4, 6, 2], stream=lambda i, t, done: seen.append((i, t)),
+                             progress=True)  # the tqdm bar must not disturb anything
     assert sorted(seen) == sorted((e.index, e.token) for e in events)
 
 
