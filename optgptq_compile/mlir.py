@@ -112,28 +112,34 @@ def kv_write_aten(
         flat.copy_(padded.index_put((slots,), new.to(cache.dtype))[:-1])
 
 
-def _replace_mutating_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with kv_write calls replaced by ``kv_write_aten``: a mutating custom op reaches torch-mlir
-    as ``auto_functionalized_v2``, which its FX importer cannot import, even in the raw form."""
+def _exportable(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy with two kinds of call swapped before torch.export sees them:
+
+    - kernel variants (the Triton ops of ``lowering.KERNEL_VARIANTS``) back to their base op: same schema and
+      semantics, and a ``triton_op`` would be traced into a Triton-kernel wrapper that torch-mlir cannot import;
+    - ``kv_write`` to ``kv_write_aten``: a mutating custom op reaches torch-mlir as ``auto_functionalized_v2``,
+      which its FX importer cannot import, even in the raw form.
+    """
     from . import lowering
 
+    swaps = {variant: base for base, variants in lowering.KERNEL_VARIANTS.items() for variant in variants.values()}
     kv_write = getattr(torch.ops.optgptq, "kv_write", None)
-    if kv_write is None:
+    if kv_write is not None:  # a Triton kv_write goes straight to the aten form too
+        swaps = {op: kv_write_aten if base == kv_write.default else base for op, base in swaps.items()}
+        swaps[kv_write.default] = kv_write_aten
+    if not any(n.op == "call_function" and n.target in swaps for n in gm.graph.nodes):
         return gm
-    targets = {kv_write.default, *lowering.KERNEL_VARIANTS.get(kv_write.default, {}).values()}
-    if not any(n.target in targets for n in gm.graph.nodes):
-        return gm
-    copy = fx.GraphModule(gm, copy_module.deepcopy(gm.graph))
-    for node in copy.graph.nodes:
-        if node.op == "call_function" and node.target in targets:
-            node.target = kv_write_aten
-    copy.recompile()
-    return copy
+    exportable = fx.GraphModule(gm, copy_module.deepcopy(gm.graph))
+    for node in exportable.graph.nodes:
+        if node.op == "call_function" and node.target in swaps:
+            node.target = swaps[node.target]
+    exportable.recompile()
+    return exportable
 
 
 def _decompositions() -> dict:
-    """optgptq op overload (and its kernel variants) -> the aten-level function that replaces it."""
-    from . import lowering
+    """optgptq op overload -> the aten-level function that replaces it (kernel variants were swapped back to
+    their base op by ``_exportable``)."""
     from .lowering import attention, paged_attention
 
     ops = torch.ops.optgptq
@@ -141,15 +147,15 @@ def _decompositions() -> dict:
     if hasattr(ops, "paged_attention"):
         table[ops.paged_attention.default] = paged_attention.torch_paged_attention
     if hasattr(ops, "kv_gather"):
-        table[ops.kv_gather.default] = (
-            lambda cache, block_tables, context_lens, out_len, lengths_are_mask: paged_attention.torch_kv_gather(
-                cache, block_tables, context_lens, out_len
-            )
-        )
-    for base, variants in lowering.KERNEL_VARIANTS.items():  # Triton ops share the base op's schema
-        if base in table:
-            table.update({variant: table[base] for variant in variants.values()})
+        table[ops.kv_gather.default] = _decompose_kv_gather
     return table
+
+
+def _decompose_kv_gather(cache, block_tables, context_lens, out_len, lengths_are_mask):
+    """The flag only licenses a rewrite in the paged_kv pass; it does not change what the op computes."""
+    from .lowering.paged_attention import torch_kv_gather
+
+    return torch_kv_gather(cache, block_tables, context_lens, out_len)
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def export_program(gm: fx.GraphModule, example_inputs: Sequence, decompose: bool
 
     inputs = _concrete_inputs(gm, example_inputs)
     with _outside_dynamo():
-        program = torch.export.export(_replace_mutating_ops(gm), inputs, strict=False)
+        program = torch.export.export(_exportable(gm), inputs, strict=False)
         table = dict(get_decomposition_table())  # a copy: torch-mlir caches (functools.cache) the table it returns
         if decompose:
             table.update(_decompositions())

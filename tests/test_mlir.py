@@ -3,6 +3,7 @@ gptq_linear computes what the op computes, dumps carry .mlir files."""
 
 import re
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -270,3 +271,32 @@ def test_paged_runtime_graph_exports_with_cache_updates():
         assert not torch.equal(b, c)  # the prefill wrote the prompts' K/V
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert torch.equal(a == 0, b == 0)  # same slots written, same slots left empty
+
+
+@torch.library.custom_op("optgptq_test::gptq_linear_variant", mutates_args=())
+def _gptq_linear_variant(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                         g_idx: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """Stands in for a Triton kernel variant (same schema as optgptq::gptq_linear), which a CPU test cannot build."""
+    return torch.ops.optgptq.gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
+
+
+@_gptq_linear_variant.register_fake
+def _(x, qweight, qzeros, scales, g_idx, bias, bits, group_size):
+    return x.new_empty(*x.shape[:-1], scales.shape[-1])
+
+
+@needs_torch_mlir
+def test_kernel_variants_export_as_their_base_op(monkeypatch):
+    """A GPU graph calls kernel variants (select_kernels); the MLIR shows the base op, and lowers like it."""
+    from optgptq_compile import lowering
+
+    variant = torch.ops.optgptq_test.gptq_linear_variant.default
+    monkeypatch.setitem(lowering.KERNEL_VARIANTS, torch.ops.optgptq.gptq_linear.default, {"triton": variant})
+    gm = fx.symbolic_trace(GPTQLinear(40, 64, 4, 32))
+    for node in gm.graph.nodes:
+        if node.target == torch.ops.optgptq.gptq_linear.default:
+            node.target = variant
+    gm.recompile()
+    x = torch.randn(3, 64)
+    assert operators(str(optgptq_compile.export_mlir(gm, [x], "raw"))) == ["torch.optgptq.gptq_linear"]
+    assert operators(str(optgptq_compile.export_mlir(gm, [x], "linalg-on-tensors"))) == []
