@@ -129,11 +129,7 @@ def rewrite_sdpa(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> str | N
 
 def bloom_chain(node: fx.Node) -> dict | str:
     """From ``alibi.baddbmm(q, k^T)`` follow view -> + mask -> softmax(fp32) -> [to] -> [dropout] -> view -> bmm."""
-    args = dict(zip(("input", "batch1", "batch2"), node.args[:1] if node.op == "call_method" else node.args))
-    args.update(node.kwargs)
-    if node.op == "call_method":
-        args.setdefault("batch1", node.args[1] if len(node.args) > 1 else None)
-        args.setdefault("batch2", node.args[2] if len(node.args) > 2 else None)
+    args = {**dict(zip(("input", "batch1", "batch2"), node.args)), **node.kwargs}  # method: args[0] is self
     if args.get("beta", 1.0) != 1.0 or not isinstance(args.get("alpha", 1.0), (int, float)):
         return f"baddbmm with beta={args.get('beta')} alpha={args.get('alpha')}"
     q3, kt = args.get("batch1"), args.get("batch2")
