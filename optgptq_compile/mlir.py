@@ -2,9 +2,10 @@
 
 ``raw`` keeps the project's custom ops as ``torch.operator "torch.optgptq.<op>"``. ``torch`` and
 ``linalg-on-tensors`` lower the whole graph, so every ``optgptq::*`` op is first decomposed into standard aten ops
-(``DECOMPOSITIONS``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
-as their plain-PyTorch references. Packed GPTQ tensors (``get_attr`` buffers) become literals of the module;
-parameters stay function arguments, in the order of the graph's placeholders.
+(``_decompositions``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
+as their plain-PyTorch references. In every form, Triton kernel variants appear as their base op and ``kv_write``
+as an aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become literals of the
+module; parameters stay function arguments, in the order of the graph's placeholders.
 
 torch-mlir's own ``quant.matmul_rhs_group_quant`` linalg lowering (``torch-convert-custom-quant-op``) is not in
 its FX pipelines and fits only a narrow case (see README "MLIR export"); the decomposed form works for every
@@ -34,7 +35,8 @@ def _torch_mlir_fx():
     try:
         from torch_mlir import fx as torch_mlir_fx
     except ImportError as exc:
-        raise ImportError(f"optgptq_compile.export_mlir needs torch-mlir, which is not installed: {INSTALL_HINT}") from exc
+        message = f"optgptq_compile.export_mlir needs torch-mlir, which is not installed: {INSTALL_HINT}"
+        raise ImportError(message) from exc
     return torch_mlir_fx
 
 
@@ -161,7 +163,7 @@ def _decompose_kv_gather(cache, block_tables, context_lens, out_len, lengths_are
 # ---- export ---------------------------------------------------------------------------------------------------
 
 
-def _concrete_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> tuple:
+def _concrete_inputs(example_inputs: Sequence) -> tuple:
     """Real tensors and ints for torch.export. Symbolic sizes (Dynamo's dynamic-shape graphs) are replaced by
     their example values: the export is then specialized to those sizes, which is logged."""
     from torch._subclasses.fake_tensor import is_fake
@@ -190,7 +192,7 @@ def export_program(gm: fx.GraphModule, example_inputs: Sequence, decompose: bool
     (and applies torch-mlir's usual decompositions)."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    inputs = _concrete_inputs(gm, example_inputs)
+    inputs = _concrete_inputs(example_inputs)
     with _outside_dynamo():
         program = torch.export.export(_exportable(gm), inputs, strict=False)
         table = dict(get_decomposition_table())  # a copy: torch-mlir caches (functools.cache) the table it returns
@@ -224,8 +226,8 @@ def _final_graph(model: torch.nn.Module, example_inputs: Sequence, options: Opti
     with _capture_final_graphs() as graphs, torch.no_grad():
         compiled(*example_inputs)
     if len(graphs) != 1:
-        raise ValueError(f"export_mlir: compiling the model gave {len(graphs)} final graphs, expected 1 "
-                         "(was it compiled before with other options? call torch._dynamo.reset() first)")
+        raise ValueError(f"export_mlir: compiling the model gave {len(graphs)} optimized graphs, expected 1 (0: the "
+                         "backend fell back, see the log, or Dynamo reused an earlier compile: torch._dynamo.reset())")
     return graphs[0]
 
 
@@ -256,11 +258,15 @@ def export_mlir(
 
 # ---- execution of a linalg-on-tensors module (a second, independent check of the lowered graph) -----------------
 
-_LOWER_TO_LOOPS = "func.func(linalg-generalize-named-ops),one-shot-bufferize{bufferize-function-boundaries " \
-                  "function-boundary-type-conversion=identity-layout-map}"
-_LOWER_TO_LLVM = ("func.func(convert-linalg-to-loops),func.func(lower-affine),convert-scf-to-cf,func.func(arith-expand),"
-                  "expand-strided-metadata,finalize-memref-to-llvm,convert-math-to-llvm,convert-math-to-libm,"
-                  "convert-arith-to-llvm,convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts")
+_LOWER_TO_LOOPS = ",".join([
+    "func.func(linalg-generalize-named-ops)",
+    "one-shot-bufferize{bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map}",
+])
+_LOWER_TO_LLVM = ",".join([
+    "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf", "func.func(arith-expand)",
+    "expand-strided-metadata", "finalize-memref-to-llvm", "convert-math-to-llvm", "convert-math-to-libm",
+    "convert-arith-to-llvm", "convert-func-to-llvm", "convert-cf-to-llvm", "reconcile-unrealized-casts",
+])
 
 
 def _walk(op):

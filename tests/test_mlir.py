@@ -51,20 +51,13 @@ def test_raw_keeps_custom_ops(llama_graphs):
 
 
 @needs_torch_mlir
-@pytest.mark.parametrize("output_type", ["torch", "linalg-on-tensors"])
-def test_lowered_forms_have_no_custom_ops(llama_graphs, output_type):
+def test_torch_form_has_no_custom_ops(llama_graphs):
     gm, inputs = llama_graphs[0]
-    module = optgptq_compile.export_mlir(gm, inputs, output_type)
+    module = optgptq_compile.export_mlir(gm, inputs, "torch")
     text = str(module)
     assert module.operation.verify()
     assert operators(text) == []
-    if output_type == "torch":
-        assert "torch.aten.bitwise_right_shift.Tensor" in text  # the unpacking of the GPTQ words
-    else:
-        assert not re.search(r"\btorch\.", text.split("\n", 1)[1]), "torch dialect ops left after linalg lowering"
-        assert "linalg.generic" in text
-        assert "linalg.matmul" in text or "linalg.batch_matmul" in text
-        assert "arith.shrsi" in text and "arith.andi" in text  # unpack bits survived as integer ops
+    assert "torch.aten.bitwise_right_shift.Tensor" in text  # the unpacking of the GPTQ words
 
 
 @needs_torch_mlir
@@ -81,11 +74,19 @@ def test_decomposed_graph_matches_compiled_graph(llama_graphs):
 
 
 @needs_torch_mlir
-def test_lowered_graph_executes_like_compiled_graph(llama_graphs):
-    """The linalg-on-tensors module of the prefill graph, run by MLIR's ExecutionEngine, gives the logits (and the
-    K/V the graph returns) of the compiled FX graph."""
+def test_linalg_form_verifies_and_executes_like_compiled_graph(llama_graphs):
+    """The linalg-on-tensors module of the prefill graph has only linalg-level ops, verifies, and, run by MLIR's
+    ExecutionEngine, gives the logits (and the K/V the graph returns) of the compiled FX graph."""
     gm, inputs = llama_graphs[0]
-    outputs = mlir.run_linalg(optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors"), inputs)
+    module = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
+    text = str(module)
+    assert module.operation.verify()
+    assert operators(text) == []
+    assert not re.search(r"\btorch\.", text.split("\n", 1)[1]), "torch dialect ops left after linalg lowering"
+    assert "linalg.generic" in text
+    assert "linalg.matmul" in text or "linalg.batch_matmul" in text
+    assert "arith.shrsi" in text and "arith.andi" in text  # unpack bits survived as integer ops
+    outputs = mlir.run_linalg(module, inputs)
     with torch.no_grad():
         expected = gm(*inputs)
     assert len(outputs) == len(expected)
@@ -258,7 +259,7 @@ def test_paged_runtime_graph_exports_with_cache_updates():
 
     def fresh():  # empty pools (the generate run filled the live ones): the prefill must write the prompts' K/V
         return [torch.zeros_like(x) if is_pool(x) else x.clone() if isinstance(x, torch.Tensor)
-                and not isinstance(x, torch.nn.Parameter) else x for x in mlir._concrete_inputs(gm, inputs)]
+                and not isinstance(x, torch.nn.Parameter) else x for x in mlir._concrete_inputs(inputs)]
 
     expected_in, got_in, before = fresh(), fresh(), fresh()
     with torch.no_grad():
