@@ -61,6 +61,7 @@ def main() -> None:
         "aligned-nocal": ("aligned, no calibration", "aligned", None, {}),
         "aligned-oneshot": ("aligned, calibrated one-shot", "aligned", cal, dict(sequential=False, refit=False)),
         "aligned-seq": ("aligned, calibrated sequential", "aligned", cal, dict(refit=False)),
+        "aligned-oneshot-refit": ("aligned, one-shot + output refit", "aligned", cal, dict(sequential=False)),
         "aligned": ("aligned, sequential + output refit (default)", "aligned", cal, {}),
     }
     print("| merge | KV heads | perplexity | KV bytes/token | KV memory saved | convert s |")
