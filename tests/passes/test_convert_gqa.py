@@ -11,7 +11,7 @@ from optgptq_compile.context import PassContext
 from optgptq_compile.gqa import convert_gqa as convert_model, refit_output
 from optgptq_compile.passes.convert_gqa import convert_gqa
 from optgptq_compile.passes.match_attention import match_attention, val
-from tests.models import call_targets, recording, tiny_bloom, tiny_llama
+from tests.models import recording, tiny_bloom, tiny_llama
 
 ATTENTION = torch.ops.optgptq.attention.default
 PADDED = (torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]]), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
