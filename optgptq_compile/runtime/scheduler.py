@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
