@@ -164,37 +164,60 @@ def _decompose_kv_gather(cache, block_tables, context_lens, out_len, lengths_are
 
 
 def _concrete_inputs(example_inputs: Sequence) -> tuple:
-    """Real tensors and ints for torch.export. Symbolic sizes (Dynamo's dynamic-shape graphs) are replaced by
-    their example values: the export is then specialized to those sizes, which is logged."""
+    """Real tensors and ints for torch.export: a symbolic size (Dynamo's dynamic-shape graphs pass SymInts) becomes
+    its example value, an inference-mode tensor (the runtime's) a normal one."""
     from torch._subclasses.fake_tensor import is_fake
 
-    inputs, symbolic = [], []
+    inputs = []
     for value in example_inputs:
         if isinstance(value, torch.Tensor) and is_fake(value):
             raise ValueError("export_mlir needs real example inputs; got a FakeTensor (call it outside tracing)")
         if isinstance(value, torch.SymInt):
-            symbolic.append(str(value))
-            hint = value.node.hint
-            if hint is None:
-                raise ValueError(f"export_mlir: symbolic size {value} has no example value to specialize to")
-            value = int(hint)
-        if isinstance(value, torch.Tensor) and value.is_inference():  # the runtime runs under inference_mode,
-            value = value.clone()  # whose tensors torch.export cannot trace together with parameters
+            if value.node.hint is None:
+                raise ValueError(f"export_mlir: symbolic size {value} has no example value")
+            value = int(value.node.hint)
+        if isinstance(value, torch.Tensor) and value.is_inference():  # torch.export cannot trace inference
+            value = value.clone()  # tensors together with parameters
         inputs.append(value)
-    if symbolic:
-        log.warning("export_mlir: graph has symbolic sizes %s; exporting it specialized to the example sizes %s",
-                    symbolic, [v for v in inputs if isinstance(v, int)])
     return tuple(inputs)
+
+
+def _dynamic_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> Optional[tuple]:
+    """torch.export's ``dynamic_shapes`` mirroring Dynamo's: every size that is symbolic in the graph's example
+    values (and every SymInt input) stays dynamic; None for a static graph."""
+    from torch.export import Dim
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs = []
+    for node, value in zip(placeholders, example_inputs):
+        example = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt):
+            specs.append(Dim.AUTO)
+        elif isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor):
+            dims = {i: Dim.AUTO for i, size in enumerate(example.shape) if isinstance(size, torch.SymInt)}
+            specs.append(dims or None)
+        else:
+            specs.append(None)
+    return tuple(specs) if any(spec is not None for spec in specs) else None
 
 
 def export_program(gm: fx.GraphModule, example_inputs: Sequence, decompose: bool) -> torch.export.ExportedProgram:
     """``gm`` as an aten-level ExportedProgram; ``decompose`` replaces every optgptq op by its aten decomposition
-    (and applies torch-mlir's usual decompositions)."""
+    (and applies torch-mlir's usual decompositions). Sizes Dynamo kept symbolic stay dynamic (``?`` in the MLIR
+    types); if torch.export cannot keep them so, the program is specialized to the example sizes, with a warning."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    inputs = _concrete_inputs(example_inputs)
+    inputs, exportable = _concrete_inputs(example_inputs), _exportable(gm)
+    dynamic_shapes = _dynamic_shapes(gm, example_inputs)
     with _outside_dynamo():
-        program = torch.export.export(_exportable(gm), inputs, strict=False)
+        try:
+            program = torch.export.export(exportable, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            if dynamic_shapes is None:
+                raise
+            log.warning("export_mlir: dynamic export failed (%s: %s); exporting specialized to the example sizes",
+                        type(exc).__name__, exc)
+            program = torch.export.export(exportable, inputs, strict=False)
         table = dict(get_decomposition_table())  # a copy: torch-mlir caches (functools.cache) the table it returns
         if decompose:
             table.update(_decompositions())
@@ -264,7 +287,8 @@ _LOWER_TO_LOOPS = ",".join([
 ])
 _LOWER_TO_LLVM = ",".join([
     "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf", "func.func(arith-expand)",
-    "expand-strided-metadata", "finalize-memref-to-llvm", "convert-math-to-llvm", "convert-math-to-libm",
+    "expand-strided-metadata", "lower-affine",  # expand-strided-metadata makes affine.apply for dynamic sizes
+    "finalize-memref-to-llvm", "convert-math-to-llvm", "convert-math-to-libm",
     "convert-arith-to-llvm", "convert-func-to-llvm", "convert-cf-to-llvm", "reconcile-unrealized-casts",
 ])
 
@@ -307,6 +331,7 @@ def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with module.context, ir.Location.unknown():
         func_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
         results = [ir.RankedTensorType(t) for t in func_type.results]
+        num_args = len(func_type.inputs)
         unsupported = sorted({str(r.element_type) for r in results} - set(numpy_types))
         if unsupported:
             raise ValueError(f"run_linalg: result element types {unsupported} have no numpy type (bf16: export fp32)")
@@ -330,9 +355,15 @@ def run_linalg(module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             t = torch.zeros(t.shape, dtype=t.dtype)
         return np.ascontiguousarray(t.detach().cpu().numpy())
 
-    # sizes given as ints (a specialized dynamic graph) were folded into the module: only tensors are arguments
-    arrays = [as_array(t) for t in inputs if isinstance(t, torch.Tensor)]  # kept alive until the call returns
-    args = [ctypes.pointer(ctypes.pointer(get_ranked_memref_descriptor(a))) for a in arrays]
+    values = _concrete_inputs(inputs)
+    if len(values) != num_args:  # sizes of a specialized export were folded into the module: tensors only
+        values = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(values) != num_args:
+        raise ValueError(f"run_linalg: the module takes {num_args} arguments, got {len(values)} inputs")
+    arrays = [as_array(v) for v in values if isinstance(v, torch.Tensor)]  # alive until the call returns
+    tensors = iter(arrays)
+    args = [ctypes.pointer(ctypes.pointer(get_ranked_memref_descriptor(next(tensors)))) if isinstance(v, torch.Tensor)
+            else ctypes.pointer(ctypes.c_int64(int(v))) for v in values]  # a dynamic size: an i64 argument
     out = descriptors[0] if len(descriptors) == 1 else Results()
     engine.invoke("main", ctypes.pointer(ctypes.pointer(out)), *args)
     views = [out] if len(descriptors) == 1 else [getattr(out, f"r{i}") for i in range(len(descriptors))]
