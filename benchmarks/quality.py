@@ -2,12 +2,13 @@
 
     python benchmarks/quality.py dense rtn:bits=4,group_size=128 gptq:bits=4,group_size=128,act_order=True
 
-Each spec is ``method[:key=value,...]``; methods: ``dense``, ``rtn`` (min-max round-to-nearest; clip_search=True
-gives the data-free default), ``gptq`` (calibrated on ``calibration_tokens``), ``gptq-synthetic`` (calibrated on
+Each spec is ``method[:key=value,...]``; methods: ``dense``, ``rtn`` (min-max round-to-nearest, the data-free default;
+clip_search=True: ranges from an unweighted clipping search instead), ``gptq`` (calibrated on ``calibration_tokens``), ``gptq-synthetic`` (calibrated on
 random token ids: what the backend could do without calibration), ``compile`` (one call:
-``torch.compile(backend="optgptq", options={"calibration": ids, ...})``). Calibration: 32 x 512 tokens of GPL-3,
-Apache-2.0, MPL-2.0, LGPL-2.1, GFDL-1.3 (``--calib-n``); evaluation: 12 x 512 tokens of GPL-2, Artistic, CC0-1.0,
-MPL-1.1, LGPL-2. Appends one JSON line per spec to ``--out`` and prints a markdown row.
+``torch.compile(backend="optgptq", options={"calibration": ids, ...})``). Calibration: 16 x 512 tokens of GPL-3,
+Apache-2.0, MPL-2.0, LGPL-2.1, GFDL-1.3 (``--calib-n``); evaluation: 8 x 512 tokens of GPL-2, Artistic, CC0-1.0,
+MPL-1.1, LGPL-2 (``--eval-n``; sized so that a GPTQ row takes minutes on 2 shared CPU cores). Appends one JSON line
+per spec to ``--out`` and prints a markdown row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import optgptq_compile
 from optgptq_compile.config import parse_options
 from optgptq_compile.data import calibration_tokens, eval_tokens, load_smollm2
 from optgptq_compile.eval import perplexity
-from optgptq_compile.quant.api import quantize_data_free, replace_linears
+from optgptq_compile.quant.api import replace_linears
+from optgptq_compile.quant.format import default_g_idx, num_groups, pack_weight
+from optgptq_compile.quant.gptq import group_params
 from optgptq_compile.quant.rtn import quantize_rtn
 from optgptq_compile.quant.sequential import eligible_linears, find_blocks
 
@@ -39,6 +42,21 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return method, options
 
 
+def rtn_clipped(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """Round-to-nearest with each group's range from the clipping search, unweighted (no data)."""
+    n, k = weight.shape
+    size = k if group_size == -1 else group_size
+    groups = num_groups(k, group_size)
+    scales, zeros = torch.empty(groups, n), torch.empty(groups, n)  # [G, N]
+    ints = torch.empty(n, k, dtype=torch.int32)  # [N, K]
+    for g in range(groups):
+        cols = slice(g * size, min((g + 1) * size, k))
+        w = weight[:, cols].float()
+        scales[g], zeros[g] = group_params(w, bits, sym, True)
+        ints[:, cols] = (torch.round(w / scales[g][:, None]) + zeros[g][:, None]).clamp(0, 2**bits - 1).int()
+    return pack_weight(ints, zeros, scales.half(), default_g_idx(k, group_size), bits, group_size)
+
+
 def rtn_model(model, options: dict):
     config = parse_options(options)
     name, blocks = find_blocks(model)
@@ -46,8 +64,8 @@ def rtn_model(model, options: dict):
     for i, block in enumerate(blocks):
         for lname, mod in eligible_linears(block, config.bits).items():
             w = mod.weight.detach()
-            weights[f"{name}.{i}.{lname}"] = quantize_data_free(w, config) if config.clip_search else \
-                quantize_rtn(w, config.bits, config.group_size, config.sym)
+            weights[f"{name}.{i}.{lname}"] = rtn_clipped(w, config.bits, config.group_size, config.sym) \
+                if config.clip_search else quantize_rtn(w, config.bits, config.group_size, config.sym)
     return replace_linears(model, weights)
 
 
@@ -83,9 +101,9 @@ def run(spec: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="+")
-    parser.add_argument("--calib-n", type=int, default=32)
+    parser.add_argument("--calib-n", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--eval-n", type=int, default=12)
+    parser.add_argument("--eval-n", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--out", default="quality.jsonl")
     args = parser.parse_args()

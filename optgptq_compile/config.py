@@ -31,7 +31,7 @@ class OptGPTQConfig:
     damp_percent: float = 0.01  # GPTQ Hessian dampening, fraction of the mean diagonal
     static_groups: bool = False  # GPTQ: group ranges fixed before act-order (g_idx stays k // group_size)
     true_sequential: bool = True  # GPTQ: calibrate a block's later linears on its already-quantized earlier ones
-    clip_search: bool = True  # scale/zero from a weighted clipping search instead of min-max (GPTQ and RTN)
+    clip_search: bool = True  # GPTQ: scale/zero from a Hessian-weighted clipping search instead of min-max
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""

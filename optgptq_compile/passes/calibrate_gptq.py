@@ -64,13 +64,11 @@ def find_owner(params: dict[str, nn.Parameter]) -> nn.Module | None:
 
 
 def _run_gptq(root: nn.Module, calibration, config) -> dict:
-    # Eager, outside Dynamo: the model is run on the calibration data while its own compile is in progress.
-    was_grad = torch.is_grad_enabled()
-    try:
-        return gptq_sequential(root, calibration, gptq_settings(config), config.true_sequential, restore=True,
-                               forward=type(root).forward)
-    finally:
-        torch.set_grad_enabled(was_grad)
+    """Eager (wrapped in ``torch._dynamo.disable`` by the caller): the model runs on the calibration data while its
+    own compile is in progress. ``type(root).forward`` bypasses a compiled ``model.forward`` attribute, which would
+    otherwise re-enter this backend."""
+    return gptq_sequential(root, calibration, gptq_settings(config), config.true_sequential, restore=True,
+                           forward=type(root).forward)
 
 
 def calibrate_gptq(gm: fx.GraphModule, ctx: PassContext) -> bool:

@@ -1,1 +1,2 @@
-"""Weight quantization: the HF GPTQ tensor format and packing, round-to-nearest, the per-parameter cache."""
+"""Weight quantization: GPTQ (gptq, sequential, api), the HF GPTQ tensor format, packing and checkpoints,
+round-to-nearest, ``GPTQLinear``, the per-parameter cache."""

@@ -87,10 +87,11 @@ def test_dead_inputs_and_asymmetric_ranges():
     assert _out_err(x, w, qw) < 0.7 * _out_err(x, w, quantize_rtn(w, 4, 32, False))
 
 
-def test_data_free_clip_search_beats_min_max_rtn_on_weights():
+def test_data_free_default_is_min_max_rtn():
+    # measured on SmolLM2 4-bit g128: min-max RTN 28.24, RTN + unweighted clipping search 30.66 (RESULTS.md)
     _, w = _layer()
-    w = torch.cat([w, torch.randn(8, w.shape[1]) * 0.3])  # heavy-tailed rows: clipping pays off
-    for bits in (3, 4):
-        minmax = quantize_rtn(w, bits, 64, True)
-        clipped = quantize_data_free(w, parse_options({"bits": bits, "group_size": 64}))
-        assert (clipped.dequantize() - w).pow(2).sum() < (minmax.dequantize() - w).pow(2).sum()
+    for options in ({"bits": 3, "group_size": 64}, {"bits": 4, "group_size": -1, "sym": False}):
+        config = parse_options(options)
+        expected = quantize_rtn(w, config.bits, config.group_size, config.sym)
+        got = quantize_data_free(w, config)
+        assert all(torch.equal(a, b) for a, b in zip(got.tensors().values(), expected.tensors().values()))
