@@ -14,8 +14,27 @@ from . import gptq_linear  # noqa: F401  (registers optgptq::gptq_linear)
 from . import attention  # noqa: F401  (registers optgptq::attention)
 from . import paged_attention  # noqa: F401  (registers optgptq::kv_write, paged_attention, kv_gather)
 
-# base op overload -> {"triton": the Triton-kernel op overload with the same schema}
+# base op overload -> {"triton": the Triton-kernel op overload with the same schema,
+#                       "prepare": optional fn(gm, node) run on the real graph before the swap (e.g. act-order sort)}
 KERNEL_VARIANTS: dict = {}
+
+try:  # the Triton kernels register only where triton imports; the package must import without it (or a GPU)
+    from . import triton_gptq_linear
+
+    KERNEL_VARIANTS.update(triton_gptq_linear.VARIANTS)
+except ImportError as _exc:  # pragma: no cover - triton is a dependency, but keep the CPU path alive without it
+    TRITON_IMPORT_ERROR: Exception | None = _exc
+else:
+    TRITON_IMPORT_ERROR = None
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton kernels can run here: triton imported and a CUDA/ROCm device (or the interpreter for CPU tensors)."""
+    import os
+
+    if TRITON_IMPORT_ERROR is not None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(ctx: PassContext) -> bool:
@@ -24,6 +43,11 @@ def use_triton(ctx: PassContext) -> bool:
     if choice == "reference":
         return False
     if choice == "triton":
+        if not triton_runnable(ctx.device()):
+            why = f"triton failed to import: {TRITON_IMPORT_ERROR}" if TRITON_IMPORT_ERROR else (
+                "no CUDA/ROCm device; TRITON_INTERPRET=1 runs them on a CPU, slowly")
+            raise ValueError(f"options kernels='triton': Triton kernels cannot run on {ctx.device()} ({why}); "
+                             "use kernels='auto' or 'reference'")
         return True
     return ctx.device().type == "cuda"  # ROCm builds of torch report "cuda" too
 
@@ -33,10 +57,12 @@ def select_kernels(gm: fx.GraphModule, ctx: PassContext) -> bool:
     if not use_triton(ctx):
         return False
     changed = False
-    for node in gm.graph.nodes:
-        variant = KERNEL_VARIANTS.get(node.target, {}).get("triton")
-        if node.op == "call_function" and variant is not None:
-            node.target = variant
+    for node in list(gm.graph.nodes):  # prepare() may insert nodes
+        entry = KERNEL_VARIANTS.get(node.target, {}) if node.op == "call_function" else {}
+        if entry.get("triton") is not None:
+            if entry.get("prepare") is not None:
+                entry["prepare"](gm, node)
+            node.target = entry["triton"]
             changed = True
     if changed:
         gm.recompile()

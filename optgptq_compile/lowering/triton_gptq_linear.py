@@ -1,0 +1,214 @@
+"""Triton GPTQ matmul for ``optgptq::gptq_linear``: ``optgptq::gptq_linear_triton`` (same schema), CUDA and ROCm.
+
+One kernel, two shapes of launch chosen by M (see ``pick_config``):
+  * small M (decode, M <= 16): few rows, so the weight stream is everything; split-K over enough programs to keep
+    HBM busy, fp32 partial sums added atomically into a zeroed fp32 buffer (then cast). M == 1 multiplies and
+    sums in registers (no tensor-core tile to fill), 2..16 use a 16-row ``tl.dot``.
+  * large M (prefill): tiled ``tl.dot`` with the weight dequantized inside the K loop, grouped program order so
+    neighbouring programs share weight tiles in L2.
+The kernel (``triton_gptq_linear_kernel.py``) checks once per program whether ``g_idx`` is plain ``k // group_size``
+over its rows: then each BLOCK_K tile is one group (one row of scales/zeros); otherwise every row gathers its own
+group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at compile time, by ``prepare_node``
+(rows of ``qweight`` permuted, ``x[..., perm]`` in the graph), so the hot loop of a compiled model never gathers.
+Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import triton
+from torch.library import triton_op, wrap_triton
+
+from ..quant.packing import pack_rows, unpack_rows
+from .gptq_linear import check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference: ground truth)
+from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+
+
+DEQUANT_MIN_M = 17  # from here on: dequantize once + cuBLAS beat the fused dot kernel on the H100 (RESULTS.md)
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int = 132) -> dict:
+    """Kernel, block sizes, warps, stages and split-K for one GEMM shape, set from the H100 sweep
+    (benchmarks/bench_gptq_matmul.py --sweep, 7B MLP shapes); tiles >= 16 for every dot and warp counts that fit
+    64-lane AMD waves."""
+    gs = k if group_size == -1 else group_size
+    if m >= DEQUANT_MIN_M:
+        return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
+    if m == 1 and bits != 3:
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3)
+    else:  # 2..16 rows: one 16-row tensor-core tile, split-K for parallelism
+        cfg = dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+    if bits == 3:  # two gathered word tiles per weight tile: keep them small enough to pipeline in shared memory
+        cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
+    while cfg["BLOCK_K"] > 16 and gs % cfg["BLOCK_K"] and gs < k:  # a tile must not straddle two groups
+        cfg["BLOCK_K"] //= 2
+    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=8 if cfg["KERNEL"] == "gemv" else 4)
+    return cfg
+
+
+def _split_k(m: int, n: int, k: int, cfg: dict, num_sms: int, per_sm: int = 4) -> int:
+    """Enough programs for ~``per_sm`` per SM when the output tiles alone are too few (decode)."""
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    k_iters = -(-k // cfg["BLOCK_K"])
+    if m > 64 or tiles >= 2 * num_sms:
+        return 1
+    return max(1, min(k_iters // 2, -(-per_sm * num_sms // tiles)))
+
+
+@triton_op("optgptq::gptq_linear_triton", mutates_args=())
+def gptq_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    check_device(x, "gptq_linear_triton")
+    return gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
+
+
+def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config: Optional[dict] = None):
+    """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias). ``config`` overrides ``pick_config`` (benchmarks)."""
+    k, n = x.shape[-1], scales.shape[-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = dict(config) if config is not None else pick_config(m, n, k, bits, group_size, num_sms(device_index(x)))
+    kind = cfg.pop("KERNEL")
+    mod = kernels("triton_gptq_linear_kernel")
+    launch = not tracing_interpreted(x)
+    gs = k if group_size == -1 else group_size
+    if kind == "dequant":  # prefill: one pass to a dense weight, then cuBLAS/hipBLASLt
+        w = x.new_empty(k, n)  # [K, N]
+        grid = (-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))
+        if launch:
+            wrap_triton(mod.gptq_dequant_kernel)[grid](qweight, qzeros, scales, g_idx, w, n, k, qzeros.shape[1],
+                                                       BITS=bits, **cfg)
+        y = torch.mm(x2, w)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    cfg.setdefault("UNPACK_RESHAPE", bits != 3)
+    split = cfg.pop("SPLIT_K")
+    bk = cfg["BLOCK_K"]
+    k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
+    split = -(-k // k_per_split)
+    atomic = split > 1
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)  # [M, N]
+    fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
+    cfg.setdefault("INTERLEAVE", kind == "dot" and bits != 3 and bk * bits // 32 >= 16)
+    args = (x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y,
+            m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, max(gs, 1))
+    if not launch:
+        pass
+    elif kind == "gemv":
+        for key in ("UNPACK_RESHAPE", "INTERLEAVE", "BLOCK_M"):
+            cfg.pop(key)
+        grid = (-(-n // cfg["BLOCK_N"]), split)
+        wrap_triton(mod.gptq_gemv_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                                                FAST_OK=fast_ok, **cfg)
+    else:
+        grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]), split)
+        wrap_triton(mod.gptq_matmul_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                                                  FAST_OK=fast_ok, USE_DOT=cfg["BLOCK_M"] >= 16,
+                                                  IEEE=x.dtype == torch.float32, NUM_STAGES=cfg["num_stages"],
+                                                  **cfg)
+    if atomic:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compile-time preparation of act-order weights (called by lowering.select_kernels on the real graph)
+
+
+def sort_act_order(qweight, qzeros, scales, g_idx, bits):
+    """Permute K so that g_idx is non-decreasing: returns (perm int64 [K], qweight', g_idx') with
+    ``x[..., perm] @ dequant(qweight', g_idx') == x @ dequant(qweight, g_idx)``; perm None when already sorted."""
+    k = g_idx.numel()
+    if k < 2 or bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return None, qweight, g_idx
+    perm = torch.argsort(g_idx.long(), stable=True)  # [K]
+    q = unpack_rows(qweight, bits)[:k]  # [K, N]
+    return perm, pack_rows(q[perm], bits), g_idx[perm].contiguous()
+
+
+def prepare_node(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Rewrite one gptq_linear call whose ``g_idx`` is act-order into sorted weights + ``x.index_select(-1, perm)``."""
+    from ..passes.utils import add_constant
+
+    x, qw, qz, sc, gi = node.args[:5]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qw, gi)):
+        return  # weights are run-time inputs: the kernel's per-row group path stays correct
+    bits = node.args[6] if len(node.args) > 6 else node.kwargs["bits"]
+    get = operator.attrgetter
+    perm, qweight, g_idx = sort_act_order(get(qw.target)(gm), None, None, get(gi.target)(gm), bits)
+    if perm is None:
+        return
+    with gm.graph.inserting_before(node):
+        perm_node = add_constant(gm, f"{qw.target}_perm", perm.to(get(qw.target)(gm).device))
+        qw_node = add_constant(gm, f"{qw.target}_sorted", qweight)
+        gi_node = add_constant(gm, f"{gi.target}_sorted", g_idx)
+        xp = gm.graph.call_function(torch.ops.aten.index_select.default, (x, -1, perm_node))
+        if "val" in getattr(x, "meta", {}):
+            xp.meta["val"] = x.meta["val"]
+    node.args = (xp, qw_node, qz, sc, gi_node, *node.args[5:])
+
+
+VARIANTS = {
+    torch.ops.optgptq.gptq_linear.default: {
+        "triton": torch.ops.optgptq.gptq_linear_triton.default,
+        "prepare": prepare_node,
+    }
+}
+
+
+def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]:
+    """(name, kernel, signature, constexprs, options) for ahead-of-time compiles of every kernel variant the launcher
+    picks for the Llama-7B up projection (11008x4096): gemv (M=1), the dot kernel's interleaved (4 and 8 bits, g128),
+    reshape (g32) and 3-bit paths, and the prefill dequant kernel. Used by tests/lowering/test_aot_compile.py."""
+    import triton.language as tl  # noqa: F401
+
+    mod = kernels("triton_gptq_linear_kernel")
+    specs = []
+    n, k = 11008, 4096
+    for m, bits, group in ((1, 4, 128), (16, 4, 128), (4, 8, 128), (4, 4, 32), (16, 3, 128), (2048, 4, 128)):
+        cfg = pick_config(m, n, k, bits, group)
+        kind = cfg.pop("KERNEL")
+        label = f"{kind} m{m} {bits}bit g{group}"
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        ptrs = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32",
+                    b_ptr=f"*{dtype}", y_ptr="*fp32")
+        ints = {name: "i32" for name in ("M", "N", "K", "ZW", "stride_xm", "stride_ym", "k_per_split", "group_size")}
+        if kind == "dequant":
+            fn = mod.gptq_dequant_kernel
+            sig = dict(qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", w_ptr=f"*{dtype}", N="i32",
+                       K="i32", ZW="i32")
+            const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
+        elif kind == "gemv":
+            fn = mod.gptq_gemv_kernel
+            sig = {**ptrs, **ints}
+            const = dict(BITS=bits, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1, FAST_OK=True,
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+        else:
+            fn = mod.gptq_matmul_kernel
+            sig = {**ptrs, **ints}
+            const = dict(BITS=bits, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1, FAST_OK=True, USE_DOT=True,
+                         UNPACK_RESHAPE=bits != 3, IEEE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                         INTERLEAVE=bits != 3 and cfg["BLOCK_K"] * bits // 32 >= 16, NUM_STAGES=opts["num_stages"])
+        sig.update({name: "constexpr" for name in const})
+        specs.append((label, fn, sig, const, opts))
+    return specs

@@ -1,0 +1,287 @@
+"""``gptq_matmul_kernel``: y = x @ dequant(qweight) (+ bias), HF GPTQ layout, 2/3/4/8 bits (launcher and reference:
+``triton_gptq_linear.py``). Nothing but ``@triton.jit`` functions here (see ``triton_utils.kernels``).
+
+The K loop exists twice: FAST, when every row k of this program's K range has ``g_idx[k] == k // group_size``
+(checked once per program before the loop; BLOCK_K divides the group size, so a tile is one group and loads one
+row of scales and zeros), and a general loop where each row gathers its own group's scale and zero (any
+``g_idx``). No data-dependent branch sits inside a loop, so the software pipeliner can prefetch every load.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bits_at(ptr, bit, row_stride, mask, BITS: tl.constexpr):
+    """BITS bits starting at bit offset ``bit`` of a little-endian int32 bit stream whose words are ``row_stride``
+    elements apart. 3-bit values may straddle two words; 2/4/8-bit values never do."""
+    word = bit // 32
+    off = bit % 32
+    lo = tl.load(ptr + word * row_stride, mask=mask, other=0)
+    if BITS == 3:
+        hi = tl.load(ptr + (word + 1) * row_stride, mask=mask & (off > 29), other=0)
+        lo = lo.to(tl.uint32, bitcast=True) >> off.to(tl.uint32)
+        hi = (hi.to(tl.uint32, bitcast=True) << 1) << (31 - off).to(tl.uint32)  # never a shift by 32
+        return ((lo | hi) & 7).to(tl.int32)
+    else:
+        return (lo >> off) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _weights(qw_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, K, BITS: tl.constexpr, UNPACK_RESHAPE: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Integer weights q [BLOCK_K, BLOCK_N] of rows k0..k0+BLOCK_K."""
+    if UNPACK_RESHAPE:  # 2/4/8 bits, k0 a multiple of the values per word: load each word once and split it
+        PER: tl.constexpr = 32 // BITS
+        wrow = k0 // PER + tl.arange(0, BLOCK_K // PER)  # [BK/PER]
+        words = tl.load(qw_ptr + wrow[:, None] * N + offs_n[None, :],
+                        mask=(wrow[:, None] < K // PER) & mask_n[None, :], other=0)  # [BK/PER, BN]
+        shifts = tl.arange(0, PER) * BITS  # [PER]
+        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BK/PER, PER, BN]
+        return tl.reshape(q, (BLOCK_K, BLOCK_N))
+    else:  # each row reads its own word (repeated addresses are served by L1)
+        return _bits_at(qw_ptr + offs_n[None, :], offs_k[:, None] * BITS, N, mask_k[:, None] & mask_n[None, :], BITS)
+
+
+@triton.jit
+def _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW, stride_xm,
+            k_start, k_end, group_size, FAST: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr,
+            UNPACK_RESHAPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+            STAGES: tl.constexpr):
+    zbit = offs_n * BITS  # [BN] bit offset of column n's zero point in a qzeros row
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)  # [BM, BK]
+        q = _weights(qw_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, K, BITS, UNPACK_RESHAPE, BLOCK_K, BLOCK_N)
+        if FAST:  # the tile is one group: one row of scales and zeros
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]  # [1, BN]
+            z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)[None, :]  # [1, BN]
+        else:  # any g_idx: each row its own group
+            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)  # [BK]
+            gmask = mask_k[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)  # [BK, BN]
+            z = _bits_at(qz_ptr + g[:, None] * ZW, zbit[None, :], 1, gmask, BITS)  # [BK, BN]
+        w = ((q - z).to(tl.float32) * s).to(x.dtype)  # the reference's rounding: fp32 dequant, then x's dtype
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        else:  # BLOCK_M == 1 (decode): multiply and reduce over K in registers
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                        stride_xm, k_start, k_end, group_size, FAST: tl.constexpr, BITS: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """2/4/8 bits with tl.dot: value j of every packed word is its own [BLOCK_K/PER, BLOCK_N] operand (rows
+    r*PER + j), paired with the matching strided columns of x; no reshape or layout shuffle of the weight tile."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER
+    zbit = offs_n * BITS
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(rows[:, None] < K // PER) & mask_n[None, :], other=0)  # [BKW, BN]
+        if FAST:
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]  # [1, BN]
+            z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)[None, :]
+        for j in tl.static_range(PER):
+            kj = rows * PER + j  # [BKW] input channels of value j
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
+                        mask=mask_m[:, None] & (kj[None, :] < K), other=0.0)  # [BM, BKW]
+            if not FAST:
+                gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
+                gmask = (kj < K)[:, None] & mask_n[None, :]
+                s = tl.load(s_ptr + gj[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+                z = _bits_at(qz_ptr + gj[:, None] * ZW, zbit[None, :], 1, gmask, BITS)
+            q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+            w = ((q - z).to(tl.float32) * s).to(x.dtype)  # [BKW, BN]
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def gptq_matmul_kernel(
+    x_ptr,  # [M, K], row stride stride_xm
+    qw_ptr,  # int32 [K*BITS/32, N]
+    qz_ptr,  # int32 [G, ZW]
+    s_ptr,  # [G, N]
+    g_ptr,  # int32 [K]
+    b_ptr,  # [N] (unused without HAS_BIAS)
+    y_ptr,  # [M, N]; fp32 and zeroed when ATOMIC
+    M, N, K, ZW, stride_xm, stride_ym,
+    k_per_split,  # K rows per program along grid axis 1, a multiple of BLOCK_K
+    group_size,  # rows per group (K for one group)
+    BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,  # split-K: partial sums added atomically
+    FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or there is one group): the FAST loop may be used
+    USE_DOT: tl.constexpr,  # False only for BLOCK_M == 1
+    UNPACK_RESHAPE: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 activations: exact fp32 dot (no tf32)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERLEAVE: tl.constexpr = False,  # dot per packed-value position (2/4/8 bits, BLOCK_K/PER >= 16)
+    NUM_STAGES: tl.constexpr = 3,  # pipelining depth of the FAST loop (the per-row-group loop uses 1: its
+    # gathered scale/zero tiles would not fit shared memory several times over)
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row blocks walk the N tiles together, so a weight tile is read from HBM about once
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FAST_OK:
+        # is g_idx the plain k // group_size over this program's rows? (sorted act-order weights are, too)
+        bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+            bad += tl.sum(((g != offs_k // group_size) & (offs_k < K)).to(tl.int32), axis=0)
+        if bad == 0:
+            if INTERLEAVE:
+                acc = _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n,
+                                          N, K, ZW, stride_xm, k_start, k_end, group_size, True, BITS, IEEE,
+                                          BLOCK_K, BLOCK_N, NUM_STAGES)
+            else:
+                acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                              stride_xm, k_start, k_end, group_size, True, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
+                              BLOCK_K, BLOCK_N, NUM_STAGES)
+        else:
+            acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                          stride_xm, k_start, k_end, group_size, False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
+                          BLOCK_K, BLOCK_N, 1)
+    else:
+        acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                      stride_xm, k_start, k_end, group_size, False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
+                      BLOCK_K, BLOCK_N, 1)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]  # the first K split adds the bias
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ymask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def gptq_gemv_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr,  # as gptq_matmul_kernel, M == 1; y fp32 zeroed if ATOMIC
+    M, N, K, ZW, stride_xm, stride_ym, k_per_split, group_size,
+    BITS: tl.constexpr,  # 2, 4 or 8 (whole values per word)
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    FAST_OK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Decode, one row: the weight stream and the ALU work per weight decide. Per weight: shift, and|or into the
+    float 2**23 + q (no int->float convert), subtract 2**23 + zero (exact), one FMA with x; the group scale
+    multiplies once per packed word, and the sum over K is reduced once, after the loop. All tensors 2-D
+    [words, BLOCK_N] so no layout shuffles."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER  # packed word rows per tile
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
+    if FAST_OK:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+            bad += tl.sum(((g != offs_k // group_size) & (offs_k < K)).to(tl.int32), axis=0)
+    else:
+        bad += 1
+    if bad == 0:
+        acc2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        zbit = offs_n * BITS
+        for k0 in range(k_start, k_end, BLOCK_K):
+            g = k0 // group_size
+            rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < K // PER)
+                            & mask_n[None, :], other=0)  # [BKW, BN]
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+            z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)  # [BN]
+            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + z
+            t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                f = (((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)
+                xk = rows * PER + j  # [BKW] input channel of value j of each word
+                xj = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)  # [BKW]
+                t += xj[:, None] * (f - zf[None, :])  # f - zf = q - z, exact
+            acc2 += t * s[None, :]
+        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
+    else:  # g_idx is not k // group_size here (unsorted act-order called directly): per-row groups
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, tl.arange(0, 1), tl.arange(0, 1) < M, offs_n, mask_n,
+                      N, K, ZW, stride_xm, k_start, k_end, group_size, False, BITS, False, True, False, BLOCK_K,
+                      BLOCK_N, 1)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    y_ptrs = y_ptr + offs_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask_n[None, :])
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+@triton.jit
+def gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, ZW, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Prefill: the whole weight dequantized to w [K, N] (the activation dtype), for one cuBLAS GEMM after it.
+    2/4/8 bits: each packed word is loaded once and its PER values stored to rows r*PER + j."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    zbit = (offs_n * BITS)[None, :]
+    if BITS == 3:
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (offs_k < K)[:, None] & mask_n[None, :]
+        q = _bits_at(qw_ptr + offs_n[None, :], offs_k[:, None] * BITS, N, mask, BITS)
+        g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = _bits_at(qz_ptr + g[:, None] * ZW, zbit, 1, mask, BITS)
+        w = (q - z).to(tl.float32) * s
+        tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    else:
+        PER: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BLOCK_K // PER
+        rows = tl.program_id(0) * BKW + tl.arange(0, BKW)  # [BKW]
+        wmask = (rows < K // PER)[:, None] & mask_n[None, :]
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+        for j in tl.static_range(PER):
+            kj = rows * PER + j
+            g = tl.load(g_ptr + kj, mask=kj < K, other=0)
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+            z = _bits_at(qz_ptr + g[:, None] * ZW, zbit, 1, wmask, BITS)
+            w = (((words >> (j * BITS)) & ((1 << BITS) - 1)) - z).to(tl.float32) * s
+            tl.store(w_ptr + kj[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=wmask)

@@ -1,0 +1,71 @@
+"""What the Triton kernel modules share: loading kernels for the GPU or the interpreter, device checks.
+
+Kernels live in their own modules (``triton_*_kernel.py``, nothing but ``@triton.jit`` functions) so that a test can
+switch to the Triton interpreter at run time: ``@triton.jit`` picks JIT or interpreter when it decorates, and
+helper functions called from a kernel must be decorated the same way as the kernel. ``kernels(name)`` returns the
+imported module, or, under ``TRITON_INTERPRET=1``, a private copy of it executed with the interpreter on.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_copy(name: str) -> types.ModuleType:
+    spec = importlib.util.find_spec(f"{__package__}.{name}")
+    module = importlib.util.module_from_spec(spec)
+    module.__name__ = f"{__package__}.{name}__interpreted"
+    sys.modules[module.__name__] = module  # dataclasses/inspect look modules up by name
+    spec.loader.exec_module(module)  # TRITON_INTERPRET=1 is set: @triton.jit makes InterpretedFunctions
+    return module
+
+
+def kernels(name: str) -> types.ModuleType:
+    """The kernel module ``lowering.<name>`` for the current mode (GPU JIT or interpreter)."""
+    module = importlib.import_module(f"{__package__}.{name}")
+    if interpreting():
+        from triton.runtime.jit import JITFunction
+
+        if any(isinstance(v, JITFunction) for v in vars(module).values()):  # imported before the env var was set
+            return _interpreted_copy(name)
+    return module
+
+
+def check_device(t: torch.Tensor, op: str) -> None:
+    """A clear error instead of Triton's for a CPU tensor outside the interpreter."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{op}: the Triton kernel needs a CUDA/ROCm device (or TRITON_INTERPRET=1), got a {t.device.type} tensor; "
+            "use options={'kernels': 'reference'} (or 'auto') on this machine"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int = 0) -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4  # the interpreter on a CPU: a few programs are enough
+
+
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0
+
+
+def tracing_interpreted(t: torch.Tensor) -> bool:
+    """Fake/functional tracing (opcheck, aot_autograd) of an op whose kernels run in the interpreter: skip the
+    launch (a JIT kernel is recorded by ``wrap_triton`` instead, but an interpreted one would run on fake data)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return interpreting() and is_fake(t)

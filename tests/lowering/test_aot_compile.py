@@ -1,0 +1,49 @@
+"""Ahead-of-time compiles of every Triton kernel variant the launchers pick, without a GPU, for the H100 and for
+AMD MI200/MI300: proves the kernels are portable (no inline PTX, no tl.extra.cuda, dot tiles >= 16, no lane-count
+assumptions) and fit the targets' shared memory, and reports which AMD builds use MFMA for their dots."""
+
+import re
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from optgptq_compile.lowering import triton_gptq_linear
+from tests.lowering.interpreter import interpreter_on
+
+TARGETS = {  # target -> shared memory (LDS) a program may use
+    "cuda sm90": (GPUTarget("cuda", 90, 32), 232448),  # H100: 227 KB per block
+    "hip gfx90a": (GPUTarget("hip", "gfx90a", 64), 65536),  # MI200: 64 KB LDS
+    "hip gfx942": (GPUTarget("hip", "gfx942", 64), 65536),  # MI300: 64 KB LDS
+}
+SPECS = {spec[0]: spec for spec in triton_gptq_linear.aot_specs()} if not interpreter_on() else {}
+REPORT: dict = {}
+
+
+@pytest.mark.skipif(interpreter_on(), reason="TRITON_INTERPRET=1: @triton.jit made interpreter functions")
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("spec", list(SPECS) or ["none"])
+def test_compiles(target, spec):
+    label, fn, signature, constexprs, options = SPECS[spec]
+    assert isinstance(fn, JITFunction)
+    gpu, shared_limit = TARGETS[target]
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=gpu, options=options)
+    asm = kernel.asm
+    if gpu.backend == "cuda":
+        assert asm["cubin"] and "ptx" in asm
+        text = asm["ptx"]
+    else:
+        assert asm["hsaco"] and "amdgcn" in asm
+        text = asm["amdgcn"]
+    assert kernel.metadata.shared <= shared_limit, f"{label}: {kernel.metadata.shared} B of shared memory"
+    if label.startswith("dot"):  # tensor-core dots: MFMA on AMD, mma/wgmma on the H100
+        if gpu.backend == "hip":
+            assert re.search(r"v_mfma", text), f"{label} on {target}: no MFMA instruction"
+        else:
+            assert re.search(r"mma\.sync|wgmma", text), f"{label}: no tensor-core instruction"
+    REPORT[(target, label)] = dict(shared=kernel.metadata.shared, mfma=len(re.findall(r"v_mfma\w*", text)),
+                                   mma=len(re.findall(r"mma\.sync|wgmma\.mma_async", text)))
+    print(f"{target:11s} {label:26s} shared {kernel.metadata.shared:6d} B  MFMA {REPORT[(target, label)]['mfma']:3d}"
+          f"  mma/wgmma {REPORT[(target, label)]['mma']:3d}")
