@@ -52,6 +52,9 @@ def release_dense(param: torch.Tensor) -> int:
         return 0
     storage = param.untyped_storage()
     freed = storage.nbytes()
+    if not storage.resizable():  # e.g. memory-mapped safetensors: move to an ordinary storage that can be freed
+        param.data = param.data.clone()
+        storage = param.untyped_storage()
     storage.resize_(0)
     _released[param] = freed
     return freed
