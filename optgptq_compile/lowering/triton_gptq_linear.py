@@ -1,11 +1,12 @@
 """Triton GPTQ matmul for ``optgptq::gptq_linear``: ``optgptq::gptq_linear_triton`` (same schema), CUDA and ROCm.
 
-One kernel, two shapes of launch chosen by M (see ``pick_config``):
-  * small M (decode, M <= 16): few rows, so the weight stream is everything; split-K over enough programs to keep
-    HBM busy, fp32 partial sums added atomically into a zeroed fp32 buffer (then cast). M == 1 multiplies and
-    sums in registers (no tensor-core tile to fill), 2..16 use a 16-row ``tl.dot``.
-  * large M (prefill): tiled ``tl.dot`` with the weight dequantized inside the K loop, grouped program order so
-    neighbouring programs share weight tiles in L2.
+Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in benchmarks/RESULTS.md):
+  * gemv (M == 1, 2/4/8 bits): split-K over enough programs to keep HBM busy, fp32 partial sums added atomically
+    into a zeroed fp32 buffer (then cast); dequant with the 2**23 float trick and one FMA per weight.
+  * dot (M = 2..16, and 3 bits at M == 1): 16-row ``tl.dot`` tiles with the weight dequantized in the K loop,
+    split-K as above; 2/4/8 bits run one dot per packed-value position, so the weight tile is never reshaped.
+  * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
+    (cuBLAS / hipBLASLt); faster here than the fused dot kernel at these sizes.
 The kernel (``triton_gptq_linear_kernel.py``) checks once per program whether ``g_idx`` is plain ``k // group_size``
 over its rows: then each BLOCK_K tile is one group (one row of scales/zeros); otherwise every row gathers its own
 group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at compile time, by ``prepare_node``
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import triton
+import triton  # noqa: F401  (lowering/__init__ registers this module only where triton imports)
 from torch.library import triton_op, wrap_triton
 
 from ..quant.packing import pack_rows, unpack_rows
@@ -179,8 +180,6 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
     """(name, kernel, signature, constexprs, options) for ahead-of-time compiles of every kernel variant the launcher
     picks for the Llama-7B up projection (11008x4096): gemv (M=1), the dot kernel's interleaved (4 and 8 bits, g128),
     reshape (g32) and 3-bit paths, and the prefill dequant kernel. Used by tests/lowering/test_aot_compile.py."""
-    import triton.language as tl  # noqa: F401
-
     mod = kernels("triton_gptq_linear_kernel")
     specs = []
     n, k = 11008, 4096

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 import optgptq_compile  # noqa: F401  (registers the ops and the backend)
-from optgptq_compile.lowering import select_kernels, triton_gptq_linear as T
+from optgptq_compile.lowering import triton_gptq_linear as T
 from optgptq_compile.lowering.gptq_linear import torch_gptq_linear
 from optgptq_compile.quant.format import default_g_idx, pack_weight
 from tests.models import call_targets, recording, tiny_llama
@@ -118,8 +118,8 @@ class _Linear(torch.nn.Module):
         self.bits, self.group_size = w.bits, w.group_size
 
     def forward(self, x):
-        return torch.ops.optgptq.gptq_linear.default(x, self.qweight, self.qzeros, self.scales, self.g_idx, None, self.bits,
-                                             self.group_size)
+        return torch.ops.optgptq.gptq_linear.default(x, self.qweight, self.qzeros, self.scales, self.g_idx, None,
+                                                     self.bits, self.group_size)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
