@@ -123,8 +123,9 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=0)
-                for bn in (128, 256, 512) for bk in (64, 128) for nw in (4, 8)]
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=0,
+                     PREFETCH=pf)
+                for bn in (128, 256, 512) for bk in (64, 128) for nw in (4, 8) for pf in (False, True)]
     if 1 < m <= 64:
         bm = 16 if m <= 16 else 64
         out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,

@@ -189,6 +189,33 @@ def gptq_matmul_kernel(
 
 
 @triton.jit
+def _gemv_words(qw_ptr, k0, k_end, offs_n, mask_n, N, K, PER: tl.constexpr, BKW: tl.constexpr):
+    """Packed words [BKW, BN] of the tile starting at row k0; rows at or past k_end (a multiple of PER, <= K) are
+    masked, so the tile after the last one loads nothing."""
+    rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    return tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < k_end // PER) & mask_n[None, :],
+                   other=0)
+
+
+@triton.jit
+def _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size, BITS: tl.constexpr,
+               PER: tl.constexpr, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc2 [BKW, BN] += scale * sum over the PER values of each word of x[k] * (q - z); the tile is one group."""
+    g = k0 // group_size
+    rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+    z = _bits_at(qz_ptr + g * ZW, offs_n * BITS, 1, mask_n, BITS)  # [BN]
+    zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + z
+    t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(PER):
+        f = (((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
+        xk = rows * PER + j  # [BKW] input channel of value j of each word
+        xj = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)  # [BKW]
+        t += xj[:, None] * (f - zf[None, :])  # f - zf = q - z, exact
+    return acc2 + t * s[None, :]
+
+
+@triton.jit
 def gptq_gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr,  # as gptq_matmul_kernel, M == 1; y fp32 zeroed if ATOMIC
     M, N, K, ZW, stride_xm, stride_ym, k_per_split, group_size,
@@ -198,6 +225,7 @@ def gptq_gemv_kernel(
     FAST_OK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,  # not yet measured on a GPU (benchmarks/bench_gptq_matmul.py --sweep times it)
 ):
     """Decode, one row: the weight stream and the ALU work per weight decide. Per weight: shift, and|or into the
     float 2**23 + q (no int->float convert), subtract 2**23 + zero (exact), one FMA with x; the group scale
@@ -222,22 +250,18 @@ def gptq_gemv_kernel(
         bad += 1
     if bad == 0:
         acc2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-        zbit = offs_n * BITS
-        for k0 in range(k_start, k_end, BLOCK_K):
-            g = k0 // group_size
-            rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
-            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < K // PER)
-                            & mask_n[None, :], other=0)  # [BKW, BN]
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-            z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)  # [BN]
-            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + z
-            t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(PER):
-                f = (((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)
-                xk = rows * PER + j  # [BKW] input channel of value j of each word
-                xj = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)  # [BKW]
-                t += xj[:, None] * (f - zf[None, :])  # f - zf = q - z, exact
-            acc2 += t * s[None, :]
+        if PREFETCH:  # the loads of tile i+1 are issued before tile i is computed (a register double buffer)
+            words = _gemv_words(qw_ptr, k_start, k_end, offs_n, mask_n, N, K, PER, BKW)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                nxt = _gemv_words(qw_ptr, k0 + BLOCK_K, k_end, offs_n, mask_n, N, K, PER, BKW)
+                acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size,
+                                  BITS, PER, BKW, BLOCK_N)
+                words = nxt
+        else:
+            for k0 in range(k_start, k_end, BLOCK_K):
+                words = _gemv_words(qw_ptr, k0, k_end, offs_n, mask_n, N, K, PER, BKW)
+                acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size,
+                                  BITS, PER, BKW, BLOCK_N)
         acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
     else:  # g_idx is not k // group_size here (unsorted act-order called directly): per-row groups
         acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
