@@ -200,7 +200,7 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
             fn = mod.gptq_gemv_kernel
             sig = {**ptrs, **ints}
             const = dict(BITS=bits, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1, FAST_OK=True,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=False)
         else:
             fn = mod.gptq_matmul_kernel
             sig = {**ptrs, **ints}
