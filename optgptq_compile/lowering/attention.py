@@ -106,13 +106,14 @@ def attention(
     check_attention_shapes(q, k, v, alibi_slopes, key_padding_mask, causal)
     if causal and k.shape[2] < q.shape[2]:
         raise ValueError(f"attention: causal needs at least as many keys ({k.shape[2]}) as queries ({q.shape[2]})")
-    return torch_attention(q, k, v, alibi_slopes, key_padding_mask, causal, scale)
+    # contiguous: the fake returns a fresh contiguous tensor, and Inductor asserts the real strides match it
+    return (torch_attention(q, k, v, alibi_slopes, key_padding_mask, causal, scale)).contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, alibi_slopes, key_padding_mask, causal, scale):
     check_attention_shapes(q, k, v, alibi_slopes, key_padding_mask, causal)
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like the real output (empty_like would copy q's strides)
 
 
 def _setup_context(ctx, inputs, output):

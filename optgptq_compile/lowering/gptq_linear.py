@@ -67,7 +67,8 @@ def gptq_linear(
     group_size: int,
 ) -> torch.Tensor:
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
-    return torch_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits)
+    # contiguous: the fake returns a fresh contiguous tensor, and Inductor asserts the real strides match it
+    return (torch_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits)).contiguous()
 
 
 @gptq_linear.register_fake

@@ -69,12 +69,13 @@ def torch_kv_write(
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
     valid = slot_mapping >= 0  # [T]
-    first = valid.int().argmax()  # index of the first valid row (0 if none)
+    # index_select, not t[first]: indexing with a 0-d tensor reads it on the host, which a CUDA graph cannot do
+    first = valid.int().argmax().reshape(1)  # [1] index of the first valid row (0 if none)
     any_valid = valid.any()
-    target = torch.where(valid, slot_mapping, torch.where(any_valid, slot_mapping[first], 0))  # [T]
+    target = torch.where(valid, slot_mapping, torch.where(any_valid, slot_mapping.index_select(0, first), 0))  # [T]
     row = valid[:, None, None]
-    k_new = torch.where(row, k, torch.where(any_valid, k[first], k_flat[0])).to(k_cache.dtype)  # [T, Hkv, D]
-    v_new = torch.where(row, v, torch.where(any_valid, v[first], v_flat[0])).to(v_cache.dtype)
+    k_new = torch.where(row, k, torch.where(any_valid, k.index_select(0, first), k_flat[:1])).to(k_cache.dtype)
+    v_new = torch.where(row, v, torch.where(any_valid, v.index_select(0, first), v_flat[:1])).to(v_cache.dtype)
     k_flat.index_copy_(0, target, k_new)
     v_flat.index_copy_(0, target, v_new)
 
@@ -163,13 +164,14 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes)
-    return torch_paged_attention(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale)
+    # contiguous: the fake returns a fresh contiguous tensor, and Inductor asserts the real strides match it
+    return (torch_paged_attention(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale)).contiguous()
 
 
 @paged_attention.register_fake
 def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale):
     check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes)
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like the real output (empty_like would copy q's strides)
 
 
 @torch.library.custom_op("optgptq::kv_gather", mutates_args=())
@@ -180,7 +182,8 @@ def kv_gather(
     positions outside ``context_lens`` (true for the runtime's batches; not for HF generate, whose cache holds
     left-pad tokens). Only then may the ``paged_kv`` pass replace the gather + masked attention by
     ``paged_attention``, which knows no other mask. The flag does not change what the op computes."""
-    return torch_kv_gather(cache, block_tables, context_lens, out_len)
+    # contiguous: the fake returns a fresh contiguous tensor, and Inductor asserts the real strides match it
+    return (torch_kv_gather(cache, block_tables, context_lens, out_len)).contiguous()
 
 
 @kv_gather.register_fake

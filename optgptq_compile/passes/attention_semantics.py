@@ -73,7 +73,9 @@ def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, Any]) 
             values[n] = gm.get_submodule(n.target)(*args, **kwargs)
         else:
             raise KeyError(f"no value for {n.op} {n.name}")
-    return values[nodes[-1]]
+    out = values[nodes[-1]]
+    # checks compare on the CPU: the graph may build its tensors on a GPU, the expected masks are built here
+    return out.cpu() if isinstance(out, torch.Tensor) else out
 
 
 @dataclasses.dataclass
@@ -116,7 +118,7 @@ def probe_paddings(like: torch.Tensor, left_only: bool, seed: int = 0) -> list[t
         else:
             m = torch.rand(b, s, generator=g) < 0.6
             m[:, -1] = True
-        out.append(m.to(like.dtype))
+        out.append(m.to(device=like.device, dtype=like.dtype))  # the graph builds its constants on that device
     return out
 
 
@@ -126,7 +128,7 @@ def expected_allowed(padding: Optional[torch.Tensor], b: int, sq: int, skv: int,
     if causal:
         allowed &= torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
     if padding is not None:
-        allowed &= padding.bool()[:, None, None, :]
+        allowed &= padding.bool().cpu()[:, None, None, :]
     return allowed
 
 
@@ -224,7 +226,7 @@ def alibi_semantics(gm: fx.GraphModule, ctx: PassContext, alibi_node: fx.Node, b
         if bias.shape[2] != 1 and not (bias == bias[:, :, :1]).all():
             return "ALiBi bias varies over queries"
         rest = bias[:, :, 0] - slopes[None, :, None] * positions  # [B, H, Skv]: must be constant per (b, h)
-        keep = torch.ones(b, skv, dtype=torch.bool) if probe is None else probe.bool()
+        keep = torch.ones(b, skv, dtype=torch.bool) if probe is None else probe.bool().cpu()
         spread = (rest - rest[..., -1:]).abs().masked_fill(~keep[:, None, :], 0)
         if spread.max() > 1e-3 * max(1.0, float(slopes.max()) * skv):
             return "ALiBi bias is not slope * key_position (+ a constant) on attended keys"
