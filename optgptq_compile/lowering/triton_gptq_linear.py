@@ -117,6 +117,8 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     elif kind == "gemv":
         for key in ("UNPACK_RESHAPE", "INTERLEAVE", "BLOCK_M"):
             cfg.pop(key)
+        # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
+        cfg.setdefault("PREFETCH", False)
         grid = (-(-n // cfg["BLOCK_N"]), split)
         wrap_triton(mod.gptq_gemv_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
                                                 FAST_OK=fast_ok, **cfg)

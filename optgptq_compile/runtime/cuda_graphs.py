@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..log import log
+
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
 
@@ -19,9 +21,10 @@ class DecodeGraphs:
         self.sizes = sorted(sizes)
         self.graphs: dict[int, tuple] = {}  # size -> (replay, static inputs, logits buffer)
         self.pool = None
+        self.disabled = False  # set when a capture failed: the engine then runs decode steps without graphs
 
     def fits(self, batch: int) -> bool:
-        return batch <= self.sizes[-1]
+        return not self.disabled and batch <= self.sizes[-1]
 
     def _static_inputs(self, engine, size: int) -> dict[str, torch.Tensor]:
         dev, length = engine.device, engine.max_seq_len
@@ -60,7 +63,13 @@ class DecodeGraphs:
         """Logits [len(batch), V] of one decode step for ``batch`` (every request has one new token)."""
         size = next(s for s in self.sizes if s >= len(batch))
         if size not in self.graphs:
-            self._capture(engine, size)
+            try:
+                self._capture(engine, size)
+            except RuntimeError as exc:  # e.g. an uncompiled HF forward copies host scalars to the GPU
+                self.disabled = True
+                log.warning("CUDA-graph capture of the decode step failed, running without graphs: %s", exc)
+                torch.cuda.synchronize()
+                return engine.run_model(engine._batch_tensors(batch))
         replay, static, logits = self.graphs[size]
         real = engine._batch_tensors(batch, step_len=engine.max_seq_len)
         b = len(batch)
