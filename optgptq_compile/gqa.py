@@ -127,34 +127,15 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-class _Stop(Exception):
-    pass
-
-
-def _batches(calibration, batch_size: int):
-    for ids in [calibration] if isinstance(calibration, torch.Tensor) else list(calibration):
-        yield from ids.split(batch_size)
-
-
 @torch.no_grad()
 def _first_layer_inputs(model: nn.Module, layer: nn.Module, calibration, batch_size: int = 4) -> list:
-    """(args, kwargs) of the first decoder layer for every calibration batch (the rest of the model is skipped)."""
-    captured = []
+    """(args, kwargs) of the first decoder layer for every calibration batch (the rest of the model is skipped);
+    the same capture GPTQ's sequential calibration uses."""
+    from .quant.sequential import _capture_block_inputs
 
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in _batches(calibration, batch_size):
-            try:
-                model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    return captured
+    batches = [part for ids in ([calibration] if isinstance(calibration, torch.Tensor) else list(calibration))
+               for part in ids.split(batch_size)]
+    return _capture_block_inputs(model, layer, batches, next(model.parameters()).device)
 
 
 @torch.no_grad()
