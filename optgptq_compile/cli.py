@@ -79,12 +79,17 @@ def cmd_bench(args) -> None:
     n, k = args.shape
     weight = torch.randn(n, k, device=device, dtype=dtype) * 0.02
     q = quantize_rtn(weight, args.bits, args.group_size, sym=True)
+    from optgptq_compile.lowering import KERNEL_VARIANTS
+
+    base = torch.ops.optgptq.gptq_linear.default  # on a GPU, time the Triton kernel a compiled graph would use
+    op = KERNEL_VARIANTS.get(base, {}).get("triton") if device == "cuda" else None
+    op = op or base
     print(f"| M | dense linear (ms) | gptq_linear {args.bits}-bit (ms) | speed-up |  [{n}x{k}, {device}]")
     print("|---|---|---|---|")
     for m in args.m:
         x = torch.randn(m, k, device=device, dtype=dtype)
         dense = _time(lambda: torch.nn.functional.linear(x, weight))
-        quant = _time(lambda: torch.ops.optgptq.gptq_linear(x, *q.tensors().values(), None, q.bits, q.group_size))
+        quant = _time(lambda: op(x, *q.tensors().values(), None, q.bits, q.group_size))
         print(f"| {m} | {dense:.3f} | {quant:.3f} | {dense / quant:.2f}x |")
 
 
