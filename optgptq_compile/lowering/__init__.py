@@ -18,14 +18,20 @@ from . import paged_attention  # noqa: F401  (registers optgptq::kv_write, paged
 #                       "prepare": optional fn(gm, node) run on the real graph before the swap (e.g. act-order sort)}
 KERNEL_VARIANTS: dict = {}
 
-try:  # the Triton kernels register only where triton imports; the package must import without it (or a GPU)
-    from . import triton_gptq_linear
+# Triton kernel modules: each defines VARIANTS (base op -> its kernel entry) and aot_specs() (ahead-of-time compile
+# specs, tests/lowering/test_aot_compile.py). Add a new kernel module here.
+TRITON_MODULES = ("triton_gptq_linear",)
 
-    KERNEL_VARIANTS.update(triton_gptq_linear.VARIANTS)
+try:  # the Triton kernels register only where triton imports; the package must import without it (or a GPU)
+    import triton  # noqa: F401
 except ImportError as _exc:  # pragma: no cover - triton is a dependency, but keep the CPU path alive without it
     TRITON_IMPORT_ERROR: Exception | None = _exc
 else:
     TRITON_IMPORT_ERROR = None
+    import importlib
+
+    for _name in TRITON_MODULES:
+        KERNEL_VARIANTS.update(importlib.import_module(f"{__name__}.{_name}").VARIANTS)
 
 
 def triton_runnable(device: torch.device) -> bool:

@@ -10,7 +10,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from optgptq_compile.lowering import triton_gptq_linear
+import importlib
+
+from optgptq_compile import lowering
 from tests.lowering.interpreter import interpreter_on
 
 TARGETS = {  # target -> shared memory (LDS) a program may use
@@ -18,7 +20,8 @@ TARGETS = {  # target -> shared memory (LDS) a program may use
     "hip gfx90a": (GPUTarget("hip", "gfx90a", 64), 65536),  # MI200: 64 KB LDS
     "hip gfx942": (GPUTarget("hip", "gfx942", 64), 65536),  # MI300: 64 KB LDS
 }
-SPECS = {spec[0]: spec for spec in triton_gptq_linear.aot_specs()} if not interpreter_on() else {}
+SPECS = {spec[0]: spec for name in lowering.TRITON_MODULES  # every kernel module's specs, labels unique
+         for spec in importlib.import_module(f"optgptq_compile.lowering.{name}").aot_specs()} if not interpreter_on() else {}
 REPORT: dict = {}
 
 
@@ -38,7 +41,7 @@ def test_compiles(target, spec):
         assert asm["hsaco"] and "amdgcn" in asm
         text = asm["amdgcn"]
     assert kernel.metadata.shared <= shared_limit, f"{label}: {kernel.metadata.shared} B of shared memory"
-    if label.startswith("dot"):  # tensor-core dots: MFMA on AMD, mma/wgmma on the H100
+    if "dot" in label.split():  # a kernel built on tl.dot (its label says so): MFMA on AMD, mma/wgmma on the H100
         if gpu.backend == "hip":
             assert re.search(r"v_mfma", text), f"{label} on {target}: no MFMA instruction"
         else:
