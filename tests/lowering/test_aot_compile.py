@@ -29,10 +29,16 @@ REPORT: dict = {}
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("spec", list(SPECS) or ["none"])
 def test_compiles(target, spec):
-    label, fn, signature, constexprs, options = SPECS[spec]
+    # optional 6th element: {"attrs": ASTSource attrs (the divisibility the JIT infers from real arguments, which
+    # decides vectorized / async loads and so the shared memory a pipelined build takes), "backends": the backends a
+    # launcher picks this config for (e.g. an H100 tile that only CUDA uses)}
+    label, fn, signature, constexprs, options, *extra = SPECS[spec]
+    extra = extra[0] if extra else {}
     assert isinstance(fn, JITFunction)
     gpu, shared_limit = TARGETS[target]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=gpu, options=options)
+    if gpu.backend not in extra.get("backends", (gpu.backend,)):
+        pytest.skip(f"{label}: a {'/'.join(extra['backends'])} config")
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, extra.get("attrs")), target=gpu, options=options)
     asm = kernel.asm
     if gpu.backend == "cuda":
         assert asm["cubin"] and "ptx" in asm
