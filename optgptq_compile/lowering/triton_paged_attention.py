@@ -1,0 +1,236 @@
+"""Triton paged attention and KV write: ``optgptq::paged_attention_triton`` and ``optgptq::kv_write_triton``, the
+same schemas as ``optgptq::paged_attention`` / ``optgptq::kv_write`` (``paged_attention.py``: contract and
+references), for CUDA and ROCm.
+
+Paged attention (kernels in ``triton_paged_attention_kernel.py``): one program per (sequence, KV head, query tile,
+KV split); the query heads of a GQA group share the rows of one ``tl.dot`` tile, so K/V are read once per KV head.
+Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial and a second
+kernel combines them. Every choice is made from shapes only -- the longest context a step can have is
+``block_tables.shape[1] * block_size`` -- so a decode step can be captured in a CUDA graph (splits that start past a
+sequence's real context exit at once with a neutral partial).
+
+KV write: one program per 16 tokens of one KV head; slot -1 (padding) is neither read nor stored.
+Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp, tiles sized to
+fit 64 KB of LDS on AMD.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton  # noqa: F401  (lowering/__init__ registers this module only where triton imports)
+from torch.library import triton_op, wrap_triton
+
+from .paged_attention import check_kv_write, check_paged_attention, torch_kv_write, torch_paged_attention  # noqa: F401
+from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
+
+LOG2E = 1.4426950408889634
+KERNELS = "triton_paged_attention_kernel"
+
+# ----------------------------------------------------------------------------------------------------------------
+# paged attention
+
+
+def pick_config(batch: int, kv_heads: int, sq: int, group: int, head_dim: int, max_context: int,
+                dtype: torch.dtype, num_sms: int = 132, hip: bool = False) -> dict:
+    """Tiles, warps, stages and KV splits for one call, from shapes only (CUDA-graph safe). Rows of a query tile
+    are (query, head-in-group) pairs: 16 rows hold a decode step of GQA up to 16. On CUDA three stages let the
+    pipeliner fetch block ids two tiles ahead and K/V one tile ahead (cp.async, ~39 KB of shared memory at head
+    128); ROCm builds get two stages (32 KB of the 64 KB LDS; prefill 40 KB)."""
+    rows = sq * group
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    wide = dtype == torch.float32 or head_dim > 128
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if hip else 3)
+    programs = batch * kv_heads * -(-rows // block_m)
+    cfg["SPLITS"] = num_splits(programs, max_context, cfg["BLOCK_N"], num_sms)
+    return cfg
+
+
+def num_splits(programs: int, max_context: int, block_n: int, num_sms: int, min_tiles: int = 2) -> int:
+    """KV splits so that a call with fewer programs than SMs (decode at small batch) still fills about two
+    programs per SM; each split keeps at least ``min_tiles`` K/V tiles."""
+    if programs >= num_sms:
+        return 1
+    tiles = -(-max_context // block_n)
+    return max(1, min(-(-2 * num_sms // programs), tiles // min_tiles, 128))
+
+
+@triton_op("optgptq::paged_attention_triton", mutates_args=())
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes)
+    check_device(q, "paged_attention_triton")
+    return paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale)
+
+
+def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale,
+                        config: Optional[dict] = None) -> torch.Tensor:
+    """Launcher: out [B, Hq, Sq, D] (contiguous). ``config`` overrides ``pick_config`` (tests, benchmarks)."""
+    b, hq, sq, d = q.shape
+    num_blocks, block_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    out = q.new_empty(b, hq, sq, d)  # [B, Hq, Sq, D]
+    if out.numel() == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():  # pools are contiguous; anything else: copy
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    max_context = block_tables.shape[1] * block_size  # the longest context this call can see: a shape, not data
+    if config is not None:
+        cfg = dict(config)
+    else:
+        cfg = pick_config(b, hkv, sq, group, d, max_context, q.dtype, num_sms(device_index(q)),
+                          hip=torch.version.hip is not None)
+    splits = cfg.pop("SPLITS")
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    split_len = -(-max_context // (splits * block_n)) * block_n  # whole K/V tiles per split
+    splits = max(1, -(-max_context // split_len))
+    rows = sq * group
+    split = splits > 1
+    if split:  # fp32 partials, combined by the reduce kernel; every split writes all of its rows
+        m_part = _scratch((b * hkv, rows, splits), q.device)
+        l_part = _scratch((b * hkv, rows, splits), q.device)
+        acc_part = _scratch((b * hkv, rows, splits, d), q.device)
+    else:
+        m_part = l_part = acc_part = out  # unused
+    if tracing_interpreted(q):
+        return out
+    mod = kernels(KERNELS)
+    d_pad = triton.next_power_of_2(d)
+    grid = (b * hkv, -(-rows // block_m), splits)
+    # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
+    wrap_triton(mod.paged_attention_kernel)[grid](
+        q, k_cache, v_cache, block_tables, context_lens, alibi_slopes if alibi_slopes is not None else context_lens,
+        out, m_part, l_part, acc_part, sq, hkv, splits, split_len, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split:
+        wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
+            m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
+            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def _scratch(shape: tuple, device: torch.device) -> torch.Tensor:
+    """Uninitialized fp32 split partials (a test fills them with NaN to prove every split writes its rows)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV write
+
+KV_WRITE_BLOCK_T = 16  # tokens per program: 16 x 128 x 2 B = 4 KB of K and 4 KB of V per program at head 128
+
+
+@triton_op("optgptq::kv_write_triton", mutates_args=("k_cache", "v_cache"))
+def kv_write_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    check_kv_write(k, v, k_cache, v_cache, slot_mapping)
+    check_device(k, "kv_write_triton")
+    kv_write_launch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def kv_write_launch(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Launcher: k/v [T, Hkv, D] into the pools at ``slot_mapping`` (int64 [T], -1 skipped), in place."""
+    t, hkv, d = k.shape
+    block_size = k_cache.shape[1]
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"kv_write_triton: k_cache strides {k_cache.stride()} and v_cache strides "
+                         f"{v_cache.stride()} must be equal, head_dim contiguous (the pools are written in place)")
+    if k.stride(-1) != 1 or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    if slot_mapping.stride(0) != 1:
+        slot_mapping = slot_mapping.contiguous()
+    if t == 0 or tracing_interpreted(k):
+        return
+    mod = kernels(KERNELS)
+    grid = (-(-t // KV_WRITE_BLOCK_T), hkv)
+    wrap_triton(mod.kv_write_kernel)[grid](
+        k, v, k_cache, v_cache, slot_mapping, t, k.stride(0), k.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=block_size, BLOCK_T=KV_WRITE_BLOCK_T, num_warps=4)
+
+
+VARIANTS = {
+    torch.ops.optgptq.paged_attention.default: {
+        "triton": torch.ops.optgptq.paged_attention_triton.default, "prepare": None},
+    torch.ops.optgptq.kv_write.default: {"triton": torch.ops.optgptq.kv_write_triton.default, "prepare": None},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (tests/lowering/test_aot_compile.py)
+
+
+def _aligned(fn, sig: dict) -> dict:
+    """ASTSource attrs as the GPU JIT infers them from real arguments: 16-divisible pointers and strides (the pools,
+    q and the scratch are fresh allocations with head dims 64/80/128), so loads vectorize and pipeline."""
+    names = fn.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+            if ty != "constexpr" and (n.endswith("_ptr") or n.startswith("stride_") and n != "stride_btb"
+                                      or n == "split_len")}
+
+
+def aot_specs(dtype: str = "fp16") -> list[tuple]:
+    """(label, kernel, signature, constexprs, options, extra) of what the launcher picks on CUDA (built for sm90) and
+    on ROCm (built for gfx90a/gfx942, 64 KB LDS) for a 32-query-head model: decode (Sq=1) at batch 1 (split KV) for
+    every head dim 64/80/128 x GQA 1/4/7 (32/32, 32/8, 28/4 heads), ALiBi alternating so each head dim and each
+    group is built with and without it; decode at batch 32 (no split); causal prefill (Sq=512); the split reduce and
+    the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the backend a config is for."""
+    mod = kernels(KERNELS)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    attn_sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", bt_ptr="*i32", ctx_ptr="*i32",
+                    slopes_ptr="*fp32", out_ptr=f"*{dtype}", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
+                    Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
+                    stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32", stride_ks="i32",
+                    stride_kh="i32", stride_btb="i32")
+    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi)
+    for i, (d, (hkv, group)) in enumerate((d, hg) for d in (64, 80, 128) for hg in ((32, 1), (8, 4), (4, 7))):
+        alibi = i % 2 == 1
+        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi))
+    cases += [("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True),
+              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False),
+              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True)]
+    specs = []
+    for hip in (False, True):
+        backend = "hip" if hip else "cuda"
+        for label, batch, sq, hkv, group, d, alibi in cases:
+            cfg = pick_config(batch, hkv, sq, group, d, 4096, torch_dtype, hip=hip)
+            split = cfg["SPLITS"] > 1
+            const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
+                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"])
+            sig = {**attn_sig, **{name: "constexpr" for name in const}}
+            specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
+                          const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                          dict(attrs=_aligned(mod.paged_attention_kernel, sig), backends=(backend,))))
+    for d in (64, 80, 128):  # the same build on every backend
+        const = dict(GROUP=4, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), SPLITS_PAD=64)
+        sig = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", Sq="i32", num_splits="i32",
+                   **{name: "constexpr" for name in const})
+        specs.append((f"paged reduce d{d}", mod.paged_attention_reduce_kernel, sig, const, dict(num_warps=4),
+                      dict(attrs=_aligned(mod.paged_attention_reduce_kernel, sig))))
+        const = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16, BLOCK_T=KV_WRITE_BLOCK_T)
+        sig = dict(k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", k_cache_ptr=f"*{dtype}", v_cache_ptr=f"*{dtype}",
+                   slot_ptr="*i64", T="i32", stride_kt="i32", stride_kh="i32", stride_cb="i32", stride_cs="i32",
+                   stride_ch="i32", **{name: "constexpr" for name in const})
+        specs.append((f"kv_write d{d}", mod.kv_write_kernel, sig, const, dict(num_warps=4),
+                      dict(attrs=_aligned(mod.kv_write_kernel, sig))))
+    return specs

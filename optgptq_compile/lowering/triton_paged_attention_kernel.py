@@ -1,0 +1,208 @@
+"""Paged attention and KV-write kernels (launchers and references: ``triton_paged_attention.py``,
+``paged_attention.py``). Nothing but ``@triton.jit`` functions here (see ``triton_utils.kernels``).
+
+``paged_attention_kernel``: one program per (sequence, KV head, query tile, KV split). The rows of a query tile are
+(query position, head in the group) pairs, row ``r = i * GROUP + h``: every query head that shares a KV head sits in
+the same ``tl.dot`` tile, so a K/V token is read once per KV head (decode with GQA 4 fills 4 of 16 rows; without
+the packing it would read the cache 4 times). K/V tiles of BLOCK_N tokens are gathered through the block table,
+token by token (a tile may span several pool blocks, or part of one); each token row is HEAD_DIM contiguous
+elements. Softmax is online, in fp32, in base 2 (``qk_scale`` includes log2(e), and so do the ALiBi slopes).
+
+The key range of a program is cut in two loops: tiles every row of the tile may see in full (no mask at all), then
+the few tiles at the causal diagonal and the end of the context (masked). Keys past what the tile can see are
+never visited. With SPLIT, a program covers only ``split_len`` keys and writes its partial (max, sum, acc) to fp32
+scratch; ``paged_attention_reduce_kernel`` combines the splits (a split that starts past the context writes the
+neutral partial: max -inf, sum 0, acc 0).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos, slope,
+                 stride_kb, stride_ks, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
+                 IEEE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """One K/V tile of keys start..start+BLOCK_N: online-softmax update of (acc, m_i, l_i)."""
+    kpos = start + tl.arange(0, BLOCK_N)  # [BN] key positions
+    d = tl.arange(0, D_PAD)  # [DP]
+    if MASKED:
+        key_ok = kpos < ctx  # [BN]
+        block = tl.load(bt_row_ptr + kpos // BLOCK_SIZE, mask=key_ok, other=0)  # [BN] pool block of each token
+    else:  # the whole tile lies inside the context
+        block = tl.load(bt_row_ptr + kpos // BLOCK_SIZE)
+    token_off = block.to(tl.int64) * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head_off  # [BN]
+    kv_off = token_off[:, None] + d[None, :]  # [BN, DP]
+    if MASKED:
+        if HEAD_DIM == D_PAD:
+            kv_mask = key_ok[:, None]
+        else:
+            kv_mask = key_ok[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, DP]
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, DP]
+    elif HEAD_DIM == D_PAD:
+        k = tl.load(k_ptr + kv_off)
+        v = tl.load(v_ptr + kv_off)
+    else:  # head dim 80: padded to 128 lanes
+        k = tl.load(k_ptr + kv_off, mask=(d < HEAD_DIM)[None, :], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=(d < HEAD_DIM)[None, :], other=0.0)
+    if IEEE:  # fp32 caches: exact fp32 products, not tf32
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BM, BN]
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if ALIBI:  # slope * (key - query), log2 units
+        s += slope[:, None] * (kpos[None, :] - qpos[:, None]).to(tl.float32)
+    if MASKED:
+        allowed = key_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (kpos[None, :] <= qpos[:, None])  # [BM, BN]
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BM]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf - 0) = 0, not NaN
+    alpha = tl.math.exp2(m_i - m_use)  # [BM]
+    p = tl.math.exp2(s - m_use[:, None])  # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [BM, DP]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr,  # [B, Hq, Sq, D], last dim contiguous
+    k_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
+    v_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k
+    bt_ptr,  # int32 [B, max_blocks]
+    ctx_ptr,  # int32 [B]
+    slopes_ptr,  # fp32 [Hq] (unused without ALIBI)
+    out_ptr,  # [B, Hq, Sq, D] contiguous (written without SPLIT)
+    m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] running max, log2 units (written with SPLIT)
+    l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] softmax denominators
+    acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D] unnormalized outputs
+    Sq, Hkv, num_splits, split_len, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_ks, stride_kh, stride_btb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
+    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # b * Hkv + kv head
+    tile = tl.program_id(1)  # query tile
+    split = tl.program_id(2)  # KV split
+    b = pid_bh // Hkv
+    kv_head = pid_bh % Hkv
+    n_rows = Sq * GROUP
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] row = query * GROUP + head in group
+    row_ok = rows < n_rows
+    qi = rows // GROUP  # [BM] query index
+    head = kv_head * GROUP + rows % GROUP  # [BM] query head
+    d = tl.arange(0, D_PAD)  # [DP]
+    d_ok = d < HEAD_DIM
+    ctx = tl.load(ctx_ptr + b)
+    qpos = ctx - Sq + qi  # [BM] position of each row's query in its sequence
+    q_off = b.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs  # [BM]
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, DP]
+    if ALIBI:
+        slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634  # [BM] log2 units
+    else:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # keys this tile can see: [0, key_end); keys every (real, non-padding) row sees: [0, full_end)
+    first_q = (tile * BLOCK_M) // GROUP
+    last_q = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, Sq - 1)
+    if CAUSAL:
+        key_end = tl.minimum(ctx, ctx - Sq + last_q + 1)
+        # a tile with a left-padding row (position < 0) also holds position 0, so its full_end floors to 0: padding
+        # rows only ever meet masked tiles, where causality masks every key for them (they end with l = 0 -> zeros)
+        full_end = tl.minimum(ctx, tl.maximum(ctx - Sq + first_q, 0) + 1)
+    else:
+        key_end = ctx
+        full_end = ctx
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    lo = split * split_len  # split_len is a multiple of BLOCK_N: tiles stay aligned
+    hi = tl.minimum(lo + split_len, key_end)  # <= lo: a split past the context, no iteration
+    mid = tl.maximum(tl.minimum(full_end, hi), lo)
+
+    bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_btb
+    kv_head_off = kv_head * stride_kh
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in tl.range(lo, mid, BLOCK_N, num_stages=NUM_STAGES):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+                                     slope, stride_kb, stride_ks, qk_scale, False, CAUSAL, ALIBI, IEEE, HEAD_DIM,
+                                     D_PAD, BLOCK_SIZE, BLOCK_N)
+    for start in tl.range(mid, hi, BLOCK_N, num_stages=NUM_STAGES):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+                                     slope, stride_kb, stride_ks, qk_scale, True, CAUSAL, ALIBI, IEEE, HEAD_DIM,
+                                     D_PAD, BLOCK_SIZE, BLOCK_N)
+
+    if SPLIT:  # a split with no key for a row (past the context, or a padding row) writes max -inf, sum 0, acc 0
+        part = (pid_bh.to(tl.int64) * n_rows + rows) * num_splits + split  # [BM]
+        tl.store(m_ptr + part, m_i, mask=row_ok)
+        tl.store(l_ptr + part, l_i, mask=row_ok)
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        keep = l_i > 0.0  # no key at all (context 0, padding row): zeros, not NaN
+        out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+        o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + qi) * HEAD_DIM  # [BM]
+        tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def paged_attention_reduce_kernel(
+    m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits]
+    l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits]
+    acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D]
+    out_ptr,  # [B, Hq, Sq, D] contiguous
+    Sq, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """One program per (sequence, KV head, row): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)  # [SP]
+    d = tl.arange(0, D_PAD)  # [DP]
+    s_ok = s < num_splits
+    base = (pid_bh.to(tl.int64) * (Sq * GROUP) + row) * num_splits
+    m = tl.load(m_ptr + base + s, mask=s_ok, other=float("-inf"))  # [SP]
+    l = tl.load(l_ptr + base + s, mask=s_ok, other=0.0)  # [SP]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))  # [SP]
+    total = tl.sum(w * l, axis=0)
+    acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SP, DP]
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)  # [DP]; no key: acc 0 -> zeros
+    bh = pid_bh * GROUP + row % GROUP  # b * Hq + query head (pid_bh = b * Hkv + kv head)
+    o_off = (bh.to(tl.int64) * Sq + row // GROUP) * HEAD_DIM
+    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def kv_write_kernel(
+    k_ptr,  # [T, Hkv, D], last dim contiguous
+    v_ptr,  # [T, Hkv, D], same strides as k
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k_cache
+    slot_ptr,  # int64 [T], -1 = padding row, not stored
+    T,
+    stride_kt, stride_kh, stride_cb, stride_cs, stride_ch,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program per BLOCK_T tokens of one KV head: rows [T, D] scattered to their slots."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    head = tl.program_id(1)
+    d = tl.arange(0, D_PAD)  # [DP]
+    slot = tl.load(slot_ptr + tok, mask=tok < T, other=-1)  # [BT] int64
+    store_ok = slot >= 0
+    src = tok.to(tl.int64)[:, None] * stride_kt + head * stride_kh + d[None, :]  # [BT, DP]
+    dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch)[:, None] + d[None, :]
+    mask = store_ok[:, None] & (d < HEAD_DIM)[None, :]  # padding rows are neither read nor stored
+    k = tl.load(k_ptr + src, mask=mask, other=0.0)
+    v = tl.load(v_ptr + src, mask=mask, other=0.0)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
