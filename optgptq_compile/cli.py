@@ -3,6 +3,7 @@
     optgptq quantize smollm2 --calibration /usr/share/common-licenses/GPL-3 --out smol-gptq
     optgptq generate smol-gptq --prompt "The capital of France is"
     optgptq bench linear --shape 4096x4096 --m 1 16
+    optgptq bench e2e --out results/       # end-to-end decode on a Llama-2-7B shape (GPU; --tiny on a CPU)
     optgptq dump smollm2 --out dumps/ --bits 4
 
 MODEL is ``smollm2`` (the offline SmolLM2-135M), a HF model directory or a ``.gguf`` file; nothing is downloaded.
@@ -144,14 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="time gptq_linear against a dense linear on this machine")
-    p.add_argument("what", choices=("linear",))
+    p = sub.add_parser("bench", help="benchmarks: gptq_linear vs a dense linear, or end-to-end decode (e2e)")
+    kinds = p.add_subparsers(dest="what", required=True)
+    p = kinds.add_parser("linear", help="time gptq_linear against a dense linear on this machine")
     p.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split("x")), default=(4096, 4096),
                    help="NxK of the weight (default 4096x4096)")
     p.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 256], help="activation rows to time")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=int, default=128)
     p.set_defaults(func=cmd_bench)
+
+    from .bench import e2e
+
+    p = kinds.add_parser("e2e", help="end-to-end decode: HF eager / static + Inductor / int4 tinygemm / optgptq",
+                         description=e2e.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e2e.add_arguments(p, default_out=".")
+    p.set_defaults(func=e2e.run)
 
     p = sub.add_parser("dump", help="compile a model with graph dumps and list the files written")
     p.add_argument("model", help="smollm2, a HF model directory, or a .gguf file")

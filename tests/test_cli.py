@@ -41,6 +41,15 @@ def test_bench_linear_prints_a_table(capsys):
     assert len(rows) == 2
 
 
+def test_bench_e2e_writes_its_table(tmp_path, capsys):
+    """The CLI wiring of the end-to-end benchmark (tests/bench/test_e2e.py runs every config)."""
+    assert main(["bench", "e2e", "--tiny", "--rows", "hf_eager", "--batches", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "e2e.json").exists() and "| 2 |" in (tmp_path / "e2e.md").read_text()
+    assert "Decode tokens/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: an unknown config
+        main(["bench", "e2e", "--rows", "vllm"])
+
+
 def test_dump_writes_graphs(tiny_model_dir, tmp_path, capsys):
     assert main(["dump", str(tiny_model_dir), "--out", str(tmp_path / "d"), "--group-size", "32"]) == 0
     out = capsys.readouterr().out
