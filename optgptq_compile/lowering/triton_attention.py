@@ -31,6 +31,7 @@ from .triton_utils import check_device, device_index, kernels, num_sms, tracing_
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 DECODE_MAX_ROWS = 64  # up to here one row tile holds every query of a (batch, KV head): the decode shape
+MAX_SPLITS = 32
 
 
 def block_d(head_dim: int) -> int:
@@ -61,9 +62,10 @@ def pick_config(rows: int, skv: int, head_dim: int, dtype: torch.dtype, programs
     if bd > 128:  # 256-wide heads: halve the tiles so Q, K and V still fit shared memory
         bm, bn, warps, stages = min(bm, 64), 32, 4, (1 if hip else 2)
     splits = 1
-    kv_tiles = -(-skv // bn)
-    if rows <= bm and programs < 2 * sms and kv_tiles >= 8:  # decode: too few programs to keep HBM busy
-        splits = max(1, min(-(-2 * sms // programs), kv_tiles // 4))
+    if rows <= DECODE_MAX_ROWS and programs < 2 * sms:  # decode: too few programs to keep HBM busy
+        splits = min(MAX_SPLITS, -(-2 * sms // programs))
+        if isinstance(skv, int):  # at least 4 KV tiles per split; a symbolic (dynamic) context length is left
+            splits = max(1, min(splits, -(-skv // bn) // 4))  # alone: no guard, no recompile per decode step
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, SPLITS=splits)
 
 
@@ -97,15 +99,16 @@ def flash_attention(q, k, v, alibi_slopes, key_padding_mask, causal, scale, conf
     group = hq // hkv
     rows = sq * group  # packed (query, head-in-group) rows per (batch, KV head)
     out = q.new_empty(b, hq, sq, d)  # [B, Hq, Sq, D]
-    if out.numel() == 0 or tracing_interpreted(q):
+    if out.numel() == 0:
         return out
     hip = torch.version.hip is not None
     cfg = dict(config) if config is not None else pick_config(rows, skv, d, q.dtype, b * hkv, hip,
                                                               num_sms(device_index(q)))
     splits = cfg.pop("SPLITS")
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    kv_chunk = max(bn, -(-skv // (splits * bn)) * bn)  # whole KV tiles per split
-    splits = max(1, -(-skv // kv_chunk))
+    kv_chunk = -(-skv // (splits * bn)) * bn  # whole KV tiles per split (a chunk past Skv is empty: -inf, no key)
+    if isinstance(skv, int) and kv_chunk:
+        splits = -(-skv // kv_chunk)  # drop the empty trailing chunks when the length is known
     split = splits > 1
     if split:
         part = torch.empty(splits, b * hkv * rows, d, device=q.device, dtype=torch.float32)  # [SPLITS, rows, D]
@@ -116,6 +119,8 @@ def flash_attention(q, k, v, alibi_slopes, key_padding_mask, causal, scale, conf
     pad = key_padding_mask if key_padding_mask is not None else q
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     grid = (b * hkv, -(-rows // bm), splits)
+    if tracing_interpreted(q):  # fake tracing in the interpreter: everything above ran, the launch cannot
+        return out
     # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
     wrap_triton(kernels("triton_attention_kernel").attention_fwd_kernel)[grid](
         q, k, v, slopes, pad, part if split else out, lse,
