@@ -14,10 +14,13 @@ Columns:
   * ``floor``: K + V bytes read / 3.0 TB/s (the H100's measured copy rate); ``TB/s`` = those bytes / our time.
 Timing: ``triton.testing.do_bench`` median of a CUDA graph replaying 20 calls (5 for the gather paths; more when
 there are more copies), cycling over enough copies of the pools to exceed the 50 MB L2 2.5 times (decode reads
-each layer's cache once per step), divided by the number of calls. Also: a split-count sweep on the target shapes, kv_write throughput (decode step B=64,
-prefill 2048 tokens) against the reference's ``index_copy_``, one causal prefill (S=2048) against SDPA, and the
-two Triton ops through Inductor (``torch.compile``), checking that the pool is written in place (no pool-sized
-buffer in the generated code). Writes bench_paged_attention.json and .md to --out (default $OUT, else ".").
+each layer's cache once per step), divided by the number of calls. Also: a split-count sweep on the target
+shapes (--sweep adds tiles / warps / stages), kv_write throughput (decode step B=64, prefill 2048 tokens) against
+the reference's ``index_copy_``, one causal prefill (S=2048) against SDPA, and the two Triton ops through Inductor
+(``torch.compile``), checking that the pool is written in place (no pool-sized buffer in the generated code).
+Correctness first: fp16 (and bf16) cases at full size against ``torch_paged_attention``, kv_write bit-exact.
+Writes bench_paged_attention.json and .md to --out (default $OUT, else "."). ``TRITON_INTERPRET=1 ... --smoke``
+runs the whole script on a CPU with tiny shapes (a check of the script, not of speed).
 """
 
 from __future__ import annotations
@@ -167,23 +170,31 @@ def check_correctness(out):
 
     rows = []
     g = torch.Generator(device=DEV).manual_seed(1)
-    for (b, hq, hkv, d, sq, width), alibi in itertools.product(CHECKS, (False, True)):
+    f16, bf16 = torch.float16, torch.bfloat16
+    cases = [(c, alibi, True, f16) for c in CHECKS for alibi in (False, True)]
+    prefill = next(c for c in CHECKS if c[4] > 1)  # a non-causal prefill; bf16 decode and prefill
+    cases += [(prefill, True, False, f16)]
+    if DEV == "cuda":  # (bf16 tl.dot is wrong in triton 3.9's interpreter: --smoke skips it)
+        cases += [(CHECKS[0], True, True, bf16), (prefill, False, True, bf16)]
+    tol = {f16: 5e-3, bf16: 2e-2}  # P is rounded to the input dtype before P @ V
+    for (b, hq, hkv, d, sq, width), alibi, causal, dtype in cases:
         nblk = b * width + 5
-        kc = torch.randn(nblk, BLOCK, hkv, d, device=DEV, dtype=torch.float16, generator=g)
-        vc = torch.randn(nblk, BLOCK, hkv, d, device=DEV, dtype=torch.float16, generator=g)
+        kc = torch.randn(nblk, BLOCK, hkv, d, device=DEV, dtype=dtype, generator=g)
+        vc = torch.randn(nblk, BLOCK, hkv, d, device=DEV, dtype=dtype, generator=g)
         tables = torch.randperm(nblk, device=DEV, generator=g)[: b * width].view(b, width).int()
         lens = torch.randint(1, width * BLOCK + 1, (b,), device=DEV, generator=g, dtype=torch.int32)
         lens[0] = width * BLOCK  # one full table
         if sq > 1:
             lens[-1] = max(1, sq // 3)  # a prompt shorter than the batch's longest: left padding rows
-        q = torch.randn(b, hq, sq, d, device=DEV, dtype=torch.float16, generator=g)
+        q = torch.randn(b, hq, sq, d, device=DEV, dtype=dtype, generator=g)
         sl = slopes(hq) if alibi else None
-        y = torch.ops.optgptq.paged_attention_triton(q, kc, vc, tables, lens, sl, True, 1 / math.sqrt(d))
-        ref = torch_paged_attention(q, kc, vc, tables, lens, sl, True, 1 / math.sqrt(d))
+        y = torch.ops.optgptq.paged_attention_triton(q, kc, vc, tables, lens, sl, causal, 1 / math.sqrt(d))
+        ref = torch_paged_attention(q.float(), kc.float(), vc.float(), tables, lens, sl, causal, 1 / math.sqrt(d))
         e = rel_err(y, ref)
         cfg = T.pick_config(b, hkv, sq, hq // hkv, d, width * BLOCK, q.dtype, _sms(), torch.version.hip is not None)
-        rows.append(dict(b=b, hq=hq, hkv=hkv, d=d, sq=sq, max_context=width * BLOCK, alibi=alibi, rel_err=e,
-                         splits=cfg["SPLITS"], finite=bool(torch.isfinite(y).all())))
+        rows.append(dict(b=b, hq=hq, hkv=hkv, d=d, sq=sq, max_context=width * BLOCK, alibi=alibi, causal=causal,
+                         dtype=str(dtype), rel_err=e, ok=e < tol[dtype] and bool(torch.isfinite(y).all()),
+                         splits=cfg["SPLITS"]))
     worst = max(r["rel_err"] for r in rows)
     print(f"paged_attention correctness: {len(rows)} cases, worst rel err {worst:.2e}", flush=True)
     # kv_write with padding slots, against the reference on a copy of the pool
@@ -200,7 +211,7 @@ def check_correctness(out):
     kv_ok = bool(torch.equal(kc, kr) and torch.equal(vc, vr))
     print(f"kv_write correctness: {'exact' if kv_ok else 'MISMATCH'}", flush=True)
     out["correctness"] = dict(paged_attention=rows, kv_write_exact=kv_ok)
-    assert kv_ok and worst < 5e-3 and all(r["finite"] for r in rows), rows
+    assert kv_ok and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
 
 
 def decode_table(out, batches, contexts):
