@@ -76,12 +76,23 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: OptGPTQConfi
         log.debug("%s", traceback.format_exc())
         dumper.report(ctx, changed, f"{type(exc).__name__}: {exc}")
         return gm.forward
-    if not config.keep_dense:
-        stats.bump("dense_bytes_released", sum(cache.release_dense(p) for p in ctx.dense_to_release))
     dumper.graph("final", work)
     mlir_dump(work, example_inputs, dumper)  # final.*.mlir when dumping; export_mlir(model) captures here
+    try:
+        runner = _runner(work, example_inputs, ctx)
+    except Exception as exc:  # e.g. Inductor failing to build one of our kernels: the model must still run
+        if config.strict or os.environ.get("OPTGPTQ_STRICT") == "1":
+            raise
+        stats.bump("fallbacks")
+        log.warning("optgptq: compiling the rewritten graph %d failed, running the unmodified graph: %s: %s", index,
+                    type(exc).__name__, str(exc)[:2000])
+        log.debug("%s", traceback.format_exc())
+        dumper.report(ctx, changed, f"runner: {type(exc).__name__}: {exc}")
+        return gm.forward
+    if not config.keep_dense:  # only now: every fallback above still needs the dense weights
+        stats.bump("dense_bytes_released", sum(cache.release_dense(p) for p in ctx.dense_to_release))
     dumper.report(ctx, changed, None)
-    return _runner(work, example_inputs, ctx)
+    return runner
 
 
 def optgptq_backend(

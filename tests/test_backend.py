@@ -84,6 +84,23 @@ def test_a_failing_pass_falls_back_to_the_unmodified_graph(monkeypatch):
     assert optgptq_compile.stats()["fallbacks"] == 1
 
 
+def _broken_runner(gm, example_inputs, ctx):
+    raise RuntimeError("the runner could not build a kernel")
+
+
+def test_a_failing_runner_falls_back_with_the_dense_weights(monkeypatch):
+    """Inductor failing on the rewritten graph (it happened on the GPU: a kernel that did not build) must leave a
+    working model: the unmodified graph, with its dense weights not yet released."""
+    monkeypatch.setattr(backend, "_runner", _broken_runner)
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 6))
+    expected = model(ids).logits
+    compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 32})
+    torch.testing.assert_close(compiled(ids).logits, expected)
+    assert optgptq_compile.stats()["fallbacks"] == 1
+    assert "dense_bytes_released" not in optgptq_compile.stats()
+
+
 def test_strict_raises_instead_of_falling_back(monkeypatch):
     monkeypatch.setattr(backend, "PASSES", [_broken_pass])
     compiled = torch.compile(tiny_llama(), backend="optgptq", options={"strict": True})
