@@ -100,6 +100,7 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes a Python float as fp64 (torch 2.11)
     pid_bh = tl.program_id(0)  # batch x KV head, fastest: the heaviest row tiles of all heads start first
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the last row tiles see the most keys
     split = tl.program_id(2)
