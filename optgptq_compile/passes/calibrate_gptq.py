@@ -84,8 +84,8 @@ def calibrate_gptq(gm: fx.GraphModule, ctx: PassContext) -> bool:
     if config.calibration is None:
         if first not in _warned:
             _warned[first] = True
-            log.warning("optgptq: no calibration data, so linear weights are quantized by round-to-nearest with a "
-                        "clipping search (worse than GPTQ); pass options={'calibration': token_ids} (a LongTensor "
+            log.warning("optgptq: no calibration data, so linear weights are quantized by min-max round-to-nearest "
+                        "(worse than GPTQ); pass options={'calibration': token_ids} (a LongTensor "
                         "[N, S] of real text) for GPTQ")
         return False
     pending = {fqn: p for fqn, p in weights.items()
