@@ -123,9 +123,14 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=0,
-                     PREFETCH=pf)
-                for bn in (128, 256, 512) for bk in (64, 128) for nw in (4, 8) for pf in (False, True)]
+        # split-K (SPLIT_K=0: the launcher's count, and twice that), fp32 atomics into a zeroed buffer
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=0)
+                for bn in (128, 256, 512) for bk in (64, 128) for ns in (2, 4)]  # BLOCK_K <= the group (128)
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=ns, SPLIT_K=0)
+                for ns in (2, 4)]
+        # no split: narrow column tiles over the whole K, no atomics, no zero fill, no cast
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=1)
+                for bn in (16, 32, 64) for bk in (128,) for ns in (3, 4, 6)]
     if 1 < m <= 64:
         bm = 16 if m <= 16 else 64
         out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,
@@ -139,11 +144,12 @@ def candidates(m):
     return out
 
 
-def sweep(out):
-    """Tune: time candidate configs on the 7B MLP shapes, print the best per (shape, M)."""
+def sweep(out, ms):
+    """Tune: time candidate configs on the 7B MLP shapes (M = 1 and 16 on both, other M on the up projection),
+    print the best per (shape, M)."""
     res = []
-    cases = [(s, m) for s in list(SHAPES.items())[1:3] for m in (1, 16)]
-    cases += [(list(SHAPES.items())[1], m) for m in (4, 64, 256, 2048)]
+    cases = [(s, m) for s in list(SHAPES.items())[1:3] for m in (1, 16) if m in ms]
+    cases += [(list(SHAPES.items())[1], m) for m in (4, 64, 256, 2048) if m in ms]
     for (name, (n, k)), m in cases:
         w = [random_gptq(n, k, seed=i) for i in range(copies_for(k * n // 2))]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -152,7 +158,7 @@ def sweep(out):
             splits = [1]
             if c.get("SPLIT_K") == 0:
                 base = T._split_k(m, n, k, c, 132)
-                splits = sorted({max(1, int(base * f)) for f in ((0.5, 1, 2) if m == 1 else (1, 2))})
+                splits = sorted({max(1, int(base * f)) for f in (1, 2)})
             for sk in splits:
                 cc = dict(c, SPLIT_K=sk) if "SPLIT_K" in c else dict(c)
                 try:
@@ -170,6 +176,7 @@ def sweep(out):
                     print("WRONG", cc, err)
                     continue
                 res.append(dict(shape=name, m=m, cfg=cc, us=us))
+                print(f"   {us:7.1f} us {cc}", flush=True)
                 if best is None or us < best[0]:
                     best = (us, cc)
         print(f"SWEEP {name} M={m}: best {best[0]:.1f} us {best[1]}", flush=True)
@@ -224,6 +231,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="7B shapes only")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--sweep-m", default="1,16,4,64,256,2048", help="comma-separated M values the sweep tunes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -231,7 +239,7 @@ def main():
     t0 = time.time()
     check_correctness(out)
     if a.sweep:
-        sweep(out)
+        sweep(out, [int(m) for m in a.sweep_m.split(",")])
     if not a.no_table:
         shapes = dict(list(SHAPES.items())[:3]) if a.quick else SHAPES
         table(out, shapes, MS)

@@ -118,7 +118,7 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
         for key in ("UNPACK_RESHAPE", "INTERLEAVE", "BLOCK_M"):
             cfg.pop(key)
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
-        cfg.setdefault("PREFETCH", False)
+        cfg.setdefault("STAGES", cfg["num_stages"])
         grid = (-(-n // cfg["BLOCK_N"]), split)
         wrap_triton(mod.gptq_gemv_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
                                                 FAST_OK=fast_ok, **cfg)
@@ -202,7 +202,7 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
             fn = mod.gptq_gemv_kernel
             sig = {**ptrs, **ints}
             const = dict(BITS=bits, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1, FAST_OK=True,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=False)
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=opts["num_stages"])
         else:
             fn = mod.gptq_matmul_kernel
             sig = {**ptrs, **ints}

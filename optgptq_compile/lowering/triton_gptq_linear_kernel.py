@@ -189,30 +189,34 @@ def gptq_matmul_kernel(
 
 
 @triton.jit
-def _gemv_words(qw_ptr, k0, k_end, offs_n, mask_n, N, K, PER: tl.constexpr, BKW: tl.constexpr):
-    """Packed words [BKW, BN] of the tile starting at row k0; rows at or past k_end (a multiple of PER, <= K) are
-    masked, so the tile after the last one loads nothing."""
-    rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
-    return tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < k_end // PER) & mask_n[None, :],
-                   other=0)
-
-
-@triton.jit
-def _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size, BITS: tl.constexpr,
+def _gemv_tile(acc, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size, BITS: tl.constexpr,
                PER: tl.constexpr, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc2 [BKW, BN] += scale * sum over the PER values of each word of x[k] * (q - z); the tile is one group."""
+    """acc [BKW, BN] += scale * sum over the PER values of each word of x[k] * (q - z); the tile is one group.
+
+    Dequantization without a shift per value: value j of a 16-bit half-word sits at bits j*BITS..; masking it in
+    place and or-ing in the exponent of 2**23 gives the float 2**23 + q * 2**(j*BITS) exactly (below 2**24), and
+    subtracting 2**23 + z * 2**(j*BITS) leaves (q - z) * 2**(j*BITS), exact. The factor 2**(j*BITS) is undone on x
+    (a power of two: exact), once per tile rather than once per weight. Per weight: one and|or (a single LOP3), one
+    FADD, one FFMA; per word: one shift for the high half."""
+    HALF: tl.constexpr = PER // 2  # values per 16-bit half-word
+    MASK: tl.constexpr = (1 << BITS) - 1
     g = k0 // group_size
-    rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    rows = k0 // PER + tl.arange(0, BKW)  # [BKW] word rows of the tile
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
     z = _bits_at(qz_ptr + g * ZW, offs_n * BITS, 1, mask_n, BITS)  # [BN]
-    zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + z
+    hi = words >> 16  # [BKW, BN] values HALF..PER-1 in the low half (the sign bits above are masked off below)
     t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-    for j in tl.static_range(PER):
-        f = (((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
-        xk = rows * PER + j  # [BKW] input channel of value j of each word
-        xj = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)  # [BKW]
-        t += xj[:, None] * (f - zf[None, :])  # f - zf = q - z, exact
-    return acc2 + t * s[None, :]
+    for j in tl.static_range(HALF):
+        unscale = 1.0 / (1 << (j * BITS))
+        zf = ((z << (j * BITS)) | 0x4B000000).to(tl.float32, bitcast=True)[None, :]  # [1, BN] 2**23 + z * 2**jb
+        k_lo = rows * PER + j  # [BKW] input channel of value j of each word
+        x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32) * unscale
+        x_hi = tl.load(x_ptr + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32) * unscale
+        f_lo = ((words & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q * 2**jb
+        f_hi = ((hi & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+        t += x_lo[:, None] * (f_lo - zf)
+        t += x_hi[:, None] * (f_hi - zf)
+    return acc + t * s[None, :]
 
 
 @triton.jit
@@ -225,12 +229,10 @@ def gptq_gemv_kernel(
     FAST_OK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # not yet measured on a GPU (benchmarks/bench_gptq_matmul.py --sweep times it)
+    STAGES: tl.constexpr,  # software-pipelining depth of the K loop (loads of later tiles in flight)
 ):
-    """Decode, one row: the weight stream and the ALU work per weight decide. Per weight: shift, and|or into the
-    float 2**23 + q (no int->float convert), subtract 2**23 + zero (exact), one FMA with x; the group scale
-    multiplies once per packed word, and the sum over K is reduced once, after the loop. All tensors 2-D
-    [words, BLOCK_N] so no layout shuffles."""
+    """Decode, one row: the weight stream and the ALU work per weight decide (``_gemv_tile``). All tensors are 2-D
+    [words, BLOCK_N], so no layout shuffles; the sum over K is reduced once, after the loop."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER  # packed word rows per tile
     pid_n = tl.program_id(0)
@@ -250,18 +252,12 @@ def gptq_gemv_kernel(
         bad += 1
     if bad == 0:
         acc2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-        if PREFETCH:  # the loads of tile i+1 are issued before tile i is computed (a register double buffer)
-            words = _gemv_words(qw_ptr, k_start, k_end, offs_n, mask_n, N, K, PER, BKW)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                nxt = _gemv_words(qw_ptr, k0 + BLOCK_K, k_end, offs_n, mask_n, N, K, PER, BKW)
-                acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size,
-                                  BITS, PER, BKW, BLOCK_N)
-                words = nxt
-        else:
-            for k0 in range(k_start, k_end, BLOCK_K):
-                words = _gemv_words(qw_ptr, k0, k_end, offs_n, mask_n, N, K, PER, BKW)
-                acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size,
-                                  BITS, PER, BKW, BLOCK_N)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                            mask=(rows[:, None] < k_end // PER) & mask_n[None, :], other=0)  # [BKW, BN]
+            acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size, BITS, PER,
+                              BKW, BLOCK_N)
         acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
     else:  # g_idx is not k // group_size here (unsorted act-order called directly): per-row groups
         acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)

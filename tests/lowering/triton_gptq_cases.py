@@ -51,8 +51,8 @@ def test_matches_reference(bits, group_size, act_order, m):
 VARIANTS = {  # every kernel path, forced, on 4-bit g32 act-order-free weights
     "gemv one split": dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=1),
     "gemv split-K": dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=7),
-    "gemv prefetch": dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3,
-                          PREFETCH=True),
+    "gemv unpipelined": dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1,
+                             SPLIT_K=3),
     "dot interleaved": dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
                             num_stages=2, SPLIT_K=2),
     "dot reshape": dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2,

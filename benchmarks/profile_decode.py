@@ -1,0 +1,102 @@
+"""Where the time goes: compile time by phase, and the GPU time of one decode step by kernel.
+
+    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --out DIR
+    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --opaque-triton   # Inductor keeps our ops opaque
+
+A Llama-2-7B-shaped random-weight model (fp16, --layers decoder layers), compiled with backend="optgptq" (int4 g128)
+and run through the paged runtime: prefill one batch of --context-token prompts, then decode. Writes
+``compile_profile.txt`` (cProfile of the compile + first steps, by cumulative time), ``decode_profile.txt`` (torch
+profiler over --steps decode steps without CUDA graphs, kernels by GPU time) and ``profile.json`` (the headline
+numbers) to --out.
+
+``--opaque-triton`` compiles with ``torch._functorch.config.decompose_custom_triton_ops = False``: Inductor then
+calls each ``triton_op`` as an opaque custom op instead of inlining its ``wrap_triton`` kernels (which makes it
+analyse every kernel call's TTIR for mutations: a compile-time cost per call site).
+"""
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import optgptq_compile
+from optgptq_compile.runtime.generate import build_engine
+
+
+def model_7b(layers: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    return model
+
+
+def run_steps(engine, n: int) -> float:
+    """Seconds per engine step over ``n`` steps (synchronised)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps profiled")
+    ap.add_argument("--opaque-triton", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py needs a CUDA/ROCm GPU")
+    os.makedirs(args.out, exist_ok=True)
+    tag = "opaque" if args.opaque_triton else "inlined"
+    model = model_7b(args.layers)
+    prompts = [list(range(3, 3 + args.context))] * args.batch
+    result = {"layers": args.layers, "batch": args.batch, "context": args.context, "triton_ops": tag}
+    opaque = (torch._functorch.config.patch(decompose_custom_triton_ops=False) if args.opaque_triton
+              else contextlib.nullcontext())
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    with opaque, torch.inference_mode():
+        profiler.enable()
+        compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 128})
+        engine = build_engine(compiled, prompts, 64, max_batch_size=args.batch, stop_at_eos=False, cuda_graphs=False)
+        engine.step()  # prefill (compiles the prefill graph)
+        engine.step()  # first decode (compiles the decode graph)
+        engine.step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        result["compile_and_first_steps_s"] = time.perf_counter() - start
+        result["stats"] = optgptq_compile.stats()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+        with open(os.path.join(args.out, f"compile_profile_{tag}.txt"), "w") as f:
+            f.write(text.getvalue())
+        result["decode_step_ms_eager_launch"] = 1e3 * run_steps(engine, 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_steps(engine, args.steps)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        with open(os.path.join(args.out, f"decode_profile_{tag}.txt"), "w") as f:
+            f.write(table)
+        gpu_us = sum(e.self_device_time_total for e in prof.key_averages()) / args.steps
+        result["decode_step_gpu_ms"] = gpu_us / 1e3
+    print(json.dumps(result, indent=1))
+    print(table[:6000])
+    with open(os.path.join(args.out, f"profile_{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
