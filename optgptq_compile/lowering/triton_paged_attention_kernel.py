@@ -89,6 +89,7 @@ def paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
     IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes a Python float as fp64 (torch 2.11)
     pid_bh = tl.program_id(0)  # b * Hkv + kv head
     tile = tl.program_id(1)  # query tile
     split = tl.program_id(2)  # KV split
