@@ -43,18 +43,21 @@ def pick_config(batch: int, kv_heads: int, sq: int, group: int, head_dim: int, m
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     wide = dtype == torch.float32 or head_dim > 128
     cfg = dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if hip else 3)
-    programs = batch * kv_heads * -(-rows // block_m)
-    cfg["SPLITS"] = num_splits(programs, max_context, cfg["BLOCK_N"], num_sms)
+    per_sequence = kv_heads * -(-rows // block_m)  # programs of one sequence, before splitting
+    cfg["SPLITS"] = num_splits(batch * per_sequence, per_sequence, max_context, cfg["BLOCK_N"], num_sms)
     return cfg
 
 
-def num_splits(programs: int, max_context: int, block_n: int, num_sms: int, min_tiles: int = 2) -> int:
-    """KV splits so that a call with fewer programs than SMs (decode at small batch) still fills about two
-    programs per SM; each split keeps at least ``min_tiles`` K/V tiles."""
+def num_splits(programs: int, per_sequence: int, max_context: int, block_n: int, num_sms: int,
+               min_tiles: int = 2) -> int:
+    """KV splits for a call of ``programs`` (query tiles x KV heads x sequences). With fewer programs than SMs
+    (decode at small batch) the context is split as if the batch held one sequence, to about two programs per SM
+    for it, each split keeping at least ``min_tiles`` K/V tiles. The batch enters through that one comparison only:
+    under torch.compile with a dynamic batch it is a single guard (two compiled variants), not one per batch size."""
     if programs >= num_sms:
         return 1
     tiles = -(-max_context // block_n)
-    return max(1, min(-(-2 * num_sms // programs), tiles // min_tiles, 128))
+    return max(1, min(-(-2 * num_sms // per_sequence), tiles // min_tiles, 128))
 
 
 @triton_op("optgptq::paged_attention_triton", mutates_args=())

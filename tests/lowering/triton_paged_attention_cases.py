@@ -81,8 +81,8 @@ CASES = [
     ("fp32 decode g4 d64 bs16 split", [16, 41, 3], 8, 2, 64, 1, 16, torch.float32, cfg(16, 16, 3)),
     ("fp32 prefill g1 d80 bs8", [9, 4], 2, 2, 80, 9, 8, torch.float32, cfg(16, 16, 1)),
     # the launcher's own choice (pick_config: 64-key tiles, 3 stages; 1 sequence x 2 KV heads < the interpreter's 4
-    # "SMs" -> split), a context just past a 64-key tile
-    ("picked decode g4 d128 bs16", [65], 8, 2, 128, 1, 16, torch.float16, None),
+    # "SMs" and a 224-key table -> 2 splits of 128 keys), a context just past three 64-key tiles
+    ("picked decode g4 d128 bs16", [193], 8, 2, 128, 1, 16, torch.float16, None),
     ("picked prefill g4 d64 bs16", [24, 11], 8, 2, 64, 24, 16, torch.float16, None),
 ]
 
@@ -109,11 +109,34 @@ def test_every_split_writes_its_partials(monkeypatch):
 
 def test_split_count_from_shapes_only():
     """The number of splits depends on batch, heads and the table width, never on context_lens (CUDA graphs)."""
-    assert T.num_splits(programs=256, max_context=4096, block_n=64, num_sms=132) == 1  # batch 32 x 8 KV heads
-    assert T.num_splits(programs=8, max_context=4096, block_n=64, num_sms=132) == 32  # batch 1: 2 tiles a split
-    assert T.num_splits(programs=8, max_context=64, block_n=64, num_sms=132) == 1  # one tile: nothing to split
+    assert T.num_splits(256, 8, max_context=4096, block_n=64, num_sms=132) == 1  # batch 32 x 8 KV heads: no split
+    assert T.num_splits(8, 8, max_context=4096, block_n=64, num_sms=132) == 32  # batch 1: 2 tiles a split
+    assert T.num_splits(64, 8, max_context=4096, block_n=64, num_sms=132) == 32  # batch 8: split as batch 1
+    assert T.num_splits(8, 8, max_context=64, block_n=64, num_sms=132) == 1  # one tile: nothing to split
     small = T.pick_config(1, 8, 1, 4, 128, 8192, torch.float16, num_sms=132)
     assert small["SPLITS"] > 1 and small["BLOCK_M"] == 16
+    picked = T.pick_config(1, 2, 1, 4, 128, 224, torch.float16, num_sms=T.num_sms())  # the "picked decode" case
+    assert picked["SPLITS"] == 2
+
+
+def test_dynamic_batch_compiles_twice():
+    """Under torch.compile with a dynamic batch the launcher's choices guard on the batch once (split or not), so
+    decode steps of every batch size share two compiled graphs instead of recompiling per size."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def attend(q, k_cache, v_cache, tables, lens):
+        return torch.ops.optgptq.paged_attention_triton(q, k_cache, v_cache, tables, lens, None, True, 0.25) * 2
+
+    compiled = torch.compile(attend, backend=counter, dynamic=True)
+    k_cache, v_cache, tables, lens = _paged([9, 32, 17, 1, 30, 25, 8, 3, 12], 4, 1, 16, 8, torch.float16)
+    for b in (2, 3, 5, 9, 6):  # the interpreter's 4 "SMs": batches 2-3 split, 4+ do not
+        q = torch.randn(b, 4, 1, 16, dtype=torch.float16)
+        args = (q, k_cache, v_cache, tables[:b], lens[:b])
+        torch.testing.assert_close(compiled(*args), attend(*args), rtol=0, atol=0)
+    torch._dynamo.reset()
+    assert counter.frame_count == 2
 
 
 def test_noncontiguous_query():
