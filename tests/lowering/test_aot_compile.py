@@ -56,3 +56,20 @@ def test_compiles(target, spec):
                                    mma=len(re.findall(r"mma\.sync|wgmma\.mma_async", text)))
     print(f"{target:11s} {label:26s} shared {kernel.metadata.shared:6d} B  MFMA {REPORT[(target, label)]['mfma']:3d}"
           f"  mma/wgmma {REPORT[(target, label)]['mma']:3d}")
+
+
+FLOAT_SPECS = [label for label, spec in SPECS.items() if "fp32" in spec[2].values()]
+
+
+@pytest.mark.skipif(interpreter_on(), reason="TRITON_INTERPRET=1: @triton.jit made interpreter functions")
+@pytest.mark.parametrize("spec", FLOAT_SPECS or ["none"])
+def test_float_scalars_typed_fp64(spec):
+    """Inductor's launcher for wrap_triton kernels (torch 2.11) types a Python float argument as fp64; a kernel must
+    still build (found on the H100: an fp64 scale promoted a loop-carried fp32 accumulator and failed to compile)."""
+    if spec == "none":
+        pytest.skip("no kernel takes a float scalar")
+    label, fn, signature, constexprs, options, *extra = SPECS[spec]
+    extra = extra[0] if extra else {}
+    signature = {name: "fp64" if kind == "fp32" else kind for name, kind in signature.items()}
+    triton.compile(ASTSource(fn, signature, constexprs, extra.get("attrs")), target=TARGETS["cuda sm90"][0],
+                   options=options)
