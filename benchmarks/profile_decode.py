@@ -1,7 +1,7 @@
 """Where the time goes: compile time by phase, and the GPU time of one decode step by kernel.
 
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --out DIR
-    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --opaque-triton   # Inductor keeps our ops opaque
+    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --inline-triton   # Inductor inlines our kernels
 
 A Llama-2-7B-shaped random-weight model (fp16, --layers decoder layers), compiled with backend="optgptq" (int4 g128)
 and run through the paged runtime: prefill one batch of --context-token prompts, then decode. Writes
@@ -9,13 +9,12 @@ and run through the paged runtime: prefill one batch of --context-token prompts,
 profiler over --steps decode steps without CUDA graphs, kernels by GPU time) and ``profile.json`` (the headline
 numbers) to --out.
 
-``--opaque-triton`` compiles with ``torch._functorch.config.decompose_custom_triton_ops = False``: Inductor then
-calls each ``triton_op`` as an opaque custom op instead of inlining its ``wrap_triton`` kernels (which makes it
-analyse every kernel call's TTIR for mutations: a compile-time cost per call site).
+``--inline-triton`` sets ``OPTGPTQ_INLINE_TRITON=1``: Inductor then inlines each ``triton_op``'s ``wrap_triton``
+kernels (and analyses every call site's TTIR for mutations: a compile-time cost per call site) instead of calling
+the ops as opaque custom ops (the backend's default).
 """
 
 import argparse
-import contextlib
 import logging
 import json
 import os
@@ -54,25 +53,25 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=512, help="prompt tokens")
     ap.add_argument("--steps", type=int, default=5, help="decode steps profiled")
-    ap.add_argument("--opaque-triton", action="store_true")
+    ap.add_argument("--inline-triton", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA/ROCm GPU")
     os.makedirs(args.out, exist_ok=True)
-    tag = "opaque" if args.opaque_triton else "inlined"
+    tag = "inlined" if args.inline_triton else "opaque"
+    if args.inline_triton:
+        os.environ["OPTGPTQ_INLINE_TRITON"] = "1"
     model = model_7b(args.layers)
     prompts = [list(range(3, 3 + args.context))] * args.batch
     result = {"layers": args.layers, "batch": args.batch, "context": args.context, "triton_ops": tag}
-    opaque = (torch._functorch.config.patch(decompose_custom_triton_ops=False) if args.opaque_triton
-              else contextlib.nullcontext())
     log_text = []
     handler = logging.Handler()
     handler.emit = lambda record: log_text.append(record.getMessage())
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)  # the backend logs each pass's time at debug level
     start = time.perf_counter()
-    with opaque, torch.inference_mode():
+    with torch.inference_mode():
         compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 128})
         engine = build_engine(compiled, prompts, 64, max_batch_size=args.batch, stop_at_eos=False, cuda_graphs=False)
         for step in ("prefill", "first_decode", "second_decode"):  # the first two compile a graph each

@@ -50,9 +50,16 @@ def _runner(gm: fx.GraphModule, example_inputs: list, ctx: PassContext) -> Calla
     if runner not in ("fx", "inductor"):
         raise ValueError(f"OPTGPTQ_RUNNER={runner!r}: expected 'fx' or 'inductor'")
     if runner == "inductor":
+        from torch._functorch import config as functorch_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        # Our Triton ops are triton_ops: Inductor may inline their kernels (wrap_triton), but then it analyses every
+        # call site's TTIR for mutations, which made compiling a 32-layer 7B graph take minutes on the H100
+        # (benchmarks/RESULTS.md). By default they stay opaque custom ops (the launcher runs the kernel);
+        # OPTGPTQ_INLINE_TRITON=1 lets Inductor inline them.
+        inline = os.environ.get("OPTGPTQ_INLINE_TRITON") == "1"
+        with functorch_config.patch(decompose_custom_triton_ops=inline):
+            return compile_fx(gm, example_inputs)
     return gm.forward
 
 
