@@ -32,6 +32,7 @@ class OptGPTQConfig:
     static_groups: bool = False  # GPTQ: group ranges fixed before act-order (g_idx stays k // group_size)
     true_sequential: bool = True  # GPTQ: calibrate a block's later linears on its already-quantized earlier ones
     clip_search: bool = True  # GPTQ: scale/zero from a Hessian-weighted clipping search instead of min-max
+    fuse_projections: bool = True  # one gptq_linear for sibling projections of one input (q/k/v, gate/up)
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
@@ -55,6 +56,7 @@ _ACCEPTED = {
     "static_groups": "True or False",
     "true_sequential": "True or False",
     "clip_search": "True or False",
+    "fuse_projections": "True or False",
 }
 
 
@@ -102,6 +104,7 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "static_groups": _is_bool,
         "true_sequential": _is_bool,
         "clip_search": _is_bool,
+        "fuse_projections": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

@@ -19,7 +19,9 @@ needs_torch_mlir = pytest.mark.skipif(
     not mlir.torch_mlir_available(), reason=f"torch-mlir is not installed ({mlir.INSTALL_HINT})"
 )
 OPTIONS = {"bits": 4, "group_size": 32}
-LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down (lm_head stays dense: the pass skips it)
+# q, k, v, o, gate, up, down (lm_head stays dense: the pass skips it), as 4 calls: fuse_projections (on by default)
+# merges q/k/v and gate/up, which share their inputs, and splits the wider outputs with aten.split_with_sizes
+GPTQ_CALLS_PER_LAYER = 4
 LAYERS = 1  # one decoder layer holds every op kind; more only cost test time
 
 
@@ -45,7 +47,7 @@ def test_raw_keeps_custom_ops(llama_graphs):
     gm, inputs = llama_graphs[0]
     text = str(optgptq_compile.export_mlir(gm, inputs, "raw"))
     ops = operators(text)
-    assert ops.count("torch.optgptq.gptq_linear") == LINEARS_PER_LAYER * LAYERS
+    assert ops.count("torch.optgptq.gptq_linear") == GPTQ_CALLS_PER_LAYER * LAYERS
     assert ops.count("torch.optgptq.attention") == LAYERS
     assert "func.func @main" in text
 
@@ -212,7 +214,7 @@ def test_export_from_model_and_dump(tmp_path):
     model = tiny_llama(layers=1)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     text = str(optgptq_compile.export_mlir(model, (ids,), "raw", options={**OPTIONS, "dump_dir": str(tmp_path)}))
-    assert operators(text).count("torch.optgptq.gptq_linear") == LINEARS_PER_LAYER
+    assert operators(text).count("torch.optgptq.gptq_linear") == GPTQ_CALLS_PER_LAYER
     (dump,) = tmp_path.glob("graph_*")  # one graph; its number counts every graph compiled in this process
     raw, linalg = (dump / "final.raw.mlir").read_text(), (dump / "final.linalg.mlir").read_text()
     assert "torch.optgptq.gptq_linear" in raw

@@ -1,7 +1,8 @@
 """The pass pipeline: each pass is ``fn(gm, ctx) -> changed`` in a file of its own, run in the order of ``PASSES``.
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
-must happen before they are quantized), and the paged-KV rewrite runs on the matched attention ops.
+must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops, and
+sibling projections are fused only once they are gptq_linear calls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.fx as fx
 from ..context import PassContext
 from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
+from .fuse_projections import fuse_projections
 from .match_attention import match_attention
 from .paged_kv import paged_kv
 from .quantize_linear import quantize_linear
@@ -25,4 +27,5 @@ PASSES: list[Pass] = [
     paged_kv,
     calibrate_gptq,
     quantize_linear,
+    fuse_projections,
 ]

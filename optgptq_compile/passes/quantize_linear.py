@@ -11,6 +11,7 @@ from ..quant.api import quantize_data_free
 from .utils import add_constant, finish_pass, replace_node
 
 NAME = "quantize_linear"
+WEIGHT_META = "optgptq_weight"  # node.meta key on each gptq_linear this pass adds: the weight placeholder's name
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.ops.aten.linear.default)
 
@@ -72,6 +73,7 @@ def quantize_linear(gm: fx.GraphModule, ctx: PassContext) -> bool:
             new = gm.graph.call_function(
                 torch.ops.optgptq.gptq_linear.default, (x, *tensors, bias, qw.bits, qw.group_size)
             )
+        new.meta[WEIGHT_META] = weight.name  # the weight's placeholder: fuse_projections caches under its Parameter
         replace_node(node, new)
         gm.graph.erase_node(node)
         ctx.matched(NAME, new, f"{fqn}: {qw.bits}-bit g{qw.group_size} [{qw.out_features}x{qw.in_features}]",

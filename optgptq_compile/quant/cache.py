@@ -4,19 +4,26 @@
 ``nn.Parameter`` objects. The cache is keyed by the parameter's identity (weakly: it never keeps a model alive) and
 by the settings that determine the result (``OptGPTQConfig.quant_key``). GPTQ (calibrated) results are put here by
 ``quantize`` / the one-call path before the ``quantize_linear`` pass looks them up.
+
+Fused groups (``fuse``: sibling projections such as q/k/v concatenated along N by the ``fuse_projections`` pass)
+are cached per tuple of parameters, built once and shared by every graph of the model; the per-parameter entries
+then become views into the fused tensors, so no weight is held twice.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import weakref
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .format import GPTQWeight
+from .format import GPTQWeight, concat_out_features, slice_out_features
 
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> {quant_key: GPTQWeight}
 _released: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> number of bytes freed
+# first Parameter of a group -> {(what, key, ids of the group's Parameters): (weakrefs to them, value)}
+_groups: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def lookup(param: torch.Tensor, key: tuple) -> GPTQWeight | None:
@@ -64,13 +71,64 @@ def is_released(param: torch.Tensor) -> bool:
     return param in _released
 
 
+def _group_get(params: Sequence[torch.Tensor], what: tuple):
+    found = _groups.get(params[0], {}).get((*what, tuple(id(p) for p in params)))
+    if found is None:
+        return None
+    refs, value = found
+    # ids can be reused by new objects once the old ones are gone: the weak references say whether they are
+    return value if all(r() is p for r, p in zip(refs, params)) else None
+
+
+def _group_put(params: Sequence[torch.Tensor], what: tuple, value) -> None:
+    entry = (tuple(weakref.ref(p) for p in params), value)
+    _groups.setdefault(params[0], {})[(*what, tuple(id(p) for p in params))] = entry
+
+
+def lookup_fused(params: Sequence[torch.Tensor], key: tuple) -> GPTQWeight | None:
+    return _group_get(params, ("weight", key))
+
+
+def fuse(params: Sequence[torch.Tensor], key: tuple, parts: Sequence[GPTQWeight]) -> GPTQWeight:
+    """The quantized weights of ``params`` side by side along N, as one ``GPTQWeight``, built once per (params, key).
+
+    ``parts`` are their quantized forms under ``key`` (``lookup``'s, moved to the device the graph runs on), in the
+    order of ``params``; they are read only the first time. Each parameter's own entry then becomes a view of its
+    columns of the fused tensors, so the separate copies are freed as soon as no graph holds them, and graphs
+    compiled later (which look weights up per parameter) add no bytes.
+    """
+    found = lookup_fused(params, key)
+    if found is not None:
+        return found
+    fused = concat_out_features(list(parts))
+    start = 0
+    for param, part in zip(params, parts):  # not ``store``: no new quantization, the same values as views
+        _cache.setdefault(param, {})[key] = slice_out_features(fused, start, start + part.out_features)
+        start += part.out_features
+    _group_put(params, ("weight", key), fused)
+    return fused
+
+
+def fused_bias(biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(biases)``, built once per tuple of bias parameters. A snapshot, like the quantized weights: a bias
+    changed in place after the first compile is not seen by graphs that use the fused copy."""
+    found = _group_get(biases, ("bias",))
+    if found is None:
+        with torch.no_grad():
+            found = torch.cat([b.detach() for b in biases])
+        _group_put(biases, ("bias",), found)
+    return found
+
+
 def quantized_bytes(params) -> int:
-    """Bytes of the packed tensors cached for ``params`` (each distinct tensor counted once)."""
+    """Bytes of the storages that hold the packed tensors cached for ``params``, each storage counted once (a fused
+    group's storage once, however many parameters hold views of it)."""
     seen, total = set(), 0
     for p in params:
         for qw in _cache.get(p, {}).values():
             for t in qw.tensors().values():
-                if t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
     return total

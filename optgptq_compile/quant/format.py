@@ -59,6 +59,42 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def concat_out_features(weights: list[GPTQWeight]) -> GPTQWeight:
+    """Weights over the same input channels (equal ``g_idx``) side by side along N: one wider ``GPTQWeight`` whose
+    output columns are those of ``weights[0]``, then ``weights[1]``, ... . ``qzeros`` packs along N, so every part's
+    ``N * bits`` must fill whole int32 words for the parts to concatenate word by word."""
+    first = weights[0]
+    for w in weights[1:]:
+        if (w.bits, w.group_size) != (first.bits, first.group_size) or not torch.equal(w.g_idx, first.g_idx):
+            raise ValueError("concat_out_features: weights differ in bits, group_size or g_idx")
+    for w in weights:
+        if (w.out_features * w.bits) % 32:
+            raise ValueError(f"concat_out_features: out_features={w.out_features} at {w.bits} bits does not fill "
+                             "whole int32 words of qzeros")
+    return GPTQWeight(
+        qweight=torch.cat([w.qweight for w in weights], dim=1),  # [K*bits/32, sum N]
+        qzeros=torch.cat([w.qzeros for w in weights], dim=1),  # [G, sum N*bits/32]
+        scales=torch.cat([w.scales for w in weights], dim=1),  # [G, sum N]
+        g_idx=first.g_idx,
+        bits=first.bits,
+        group_size=first.group_size,
+    )
+
+
+def slice_out_features(weight: GPTQWeight, start: int, end: int) -> GPTQWeight:
+    """Output columns ``[start, end)`` of ``weight`` as views (no copy; not contiguous unless they are all of N).
+    ``start`` and ``end`` times ``bits`` must be multiples of 32 (whole ``qzeros`` words)."""
+    bits = weight.bits
+    if (start * bits) % 32 or (end * bits) % 32:
+        raise ValueError(f"slice_out_features: [{start}, {end}) at {bits} bits is not on qzeros word boundaries")
+    return dataclasses.replace(
+        weight,
+        qweight=weight.qweight[:, start:end],
+        qzeros=weight.qzeros[:, start * bits // 32:end * bits // 32],
+        scales=weight.scales[:, start:end],
+    )
+
+
 def pack_weight(
     intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int
 ) -> GPTQWeight:
