@@ -124,13 +124,11 @@ def candidates(m):
     out = []
     if m == 1:
         # split-K (SPLIT_K=0: the launcher's count, and twice that), fp32 atomics into a zeroed buffer
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=0)
-                for bn in (128, 256, 512) for bk in (64, 128) for ns in (2, 4)]  # BLOCK_K <= the group (128)
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=ns, SPLIT_K=0)
-                for ns in (2, 4)]
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=0)
+                for bn in (128, 256) for bk in (64, 128)]  # BLOCK_K <= the group (128)
         # no split: narrow column tiles over the whole K, no atomics, no zero fill, no cast
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns, SPLIT_K=1)
-                for bn in (16, 32, 64) for bk in (128,) for ns in (3, 4, 6)]
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1)
+                for bn in (32, 64)]
     if 1 < m <= 64:
         bm = 16 if m <= 16 else 64
         out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,

@@ -7,9 +7,9 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     split-K as above; 2/4/8 bits run one dot per packed-value position, so the weight tile is never reshaped.
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
     (cuBLAS / hipBLASLt); faster here than the fused dot kernel at these sizes.
-The kernel (``triton_gptq_linear_kernel.py``) checks once per program whether ``g_idx`` is plain ``k // group_size``
-over its rows: then each BLOCK_K tile is one group (one row of scales/zeros); otherwise every row gathers its own
-group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at compile time, by ``prepare_node``
+The kernel (``triton_gptq_linear_kernel.py``) assumes ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile
+is one group (one row of scales/zeros), and checks it while it streams the weights; a program where it is not
+redoes its rows with a loop where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at compile time, by ``prepare_node``
 (rows of ``qweight`` permuted, ``x[..., perm]`` in the graph), so the hot loop of a compiled model never gathers.
 Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp.
 """

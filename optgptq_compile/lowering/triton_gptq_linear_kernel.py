@@ -1,10 +1,11 @@
 """``gptq_matmul_kernel``: y = x @ dequant(qweight) (+ bias), HF GPTQ layout, 2/3/4/8 bits (launcher and reference:
 ``triton_gptq_linear.py``). Nothing but ``@triton.jit`` functions here (see ``triton_utils.kernels``).
 
-The K loop exists twice: FAST, when every row k of this program's K range has ``g_idx[k] == k // group_size``
-(checked once per program before the loop; BLOCK_K divides the group size, so a tile is one group and loads one
-row of scales and zeros), and a general loop where each row gathers its own group's scale and zero (any
-``g_idx``). No data-dependent branch sits inside a loop, so the software pipeliner can prefetch every load.
+The K loop exists twice: FAST, which assumes every row k of this program's K range has ``g_idx[k] == k //
+group_size`` (BLOCK_K divides the group size, so a tile is one group and loads one row of scales and zeros) and
+counts the rows where that is false as it goes, and a general loop where each row gathers its own group's scale and
+zero (any ``g_idx``), which redoes a program whose count is not zero. No data-dependent branch sits inside a loop,
+so the software pipeliner can prefetch every load.
 """
 
 import triton
@@ -44,11 +45,23 @@ def _weights(qw_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, K, BITS: tl.constexp
 
 
 @triton.jit
+def _group_mismatches(g_ptr, k0, K, group_size, BLOCK_K: tl.constexpr):
+    """Rows of the tile at k0 whose g_idx is not k // group_size. The FAST loops assume it is; they count the
+    mismatches as they go (one 256-byte load per tile, pipelined with the weights, instead of a serial pass over
+    g_idx before the loop, which cost one memory round trip per tile) and the caller redoes a program whose count
+    is not zero with the per-row-group loop."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+    return tl.sum(((g != offs_k // group_size) & (offs_k < K)).to(tl.int32), axis=0)
+
+
+@triton.jit
 def _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW, stride_xm,
             k_start, k_end, group_size, FAST: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr,
             UNPACK_RESHAPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
             STAGES: tl.constexpr):
     zbit = offs_n * BITS  # [BN] bit offset of column n's zero point in a qzeros row
+    bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < K
@@ -56,6 +69,7 @@ def _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, ma
                     other=0.0)  # [BM, BK]
         q = _weights(qw_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, K, BITS, UNPACK_RESHAPE, BLOCK_K, BLOCK_N)
         if FAST:  # the tile is one group: one row of scales and zeros
+            bad += _group_mismatches(g_ptr, k0, K, group_size, BLOCK_K)
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]  # [1, BN]
             z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)[None, :]  # [1, BN]
@@ -72,7 +86,7 @@ def _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, ma
                 acc = tl.dot(x, w, acc)
         else:  # BLOCK_M == 1 (decode): multiply and reduce over K in registers
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    return acc
+    return acc, bad
 
 
 @triton.jit
@@ -84,11 +98,13 @@ def _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
     zbit = offs_n * BITS
+    bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows[:, None] < K // PER) & mask_n[None, :], other=0)  # [BKW, BN]
         if FAST:
+            bad += _group_mismatches(g_ptr, k0, K, group_size, BLOCK_K)
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]  # [1, BN]
             z = _bits_at(qz_ptr + g * ZW, zbit, 1, mask_n, BITS)[None, :]
@@ -107,7 +123,7 @@ def _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
-    return acc
+    return acc, bad
 
 
 @triton.jit
@@ -152,30 +168,23 @@ def gptq_matmul_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FAST_OK:
-        # is g_idx the plain k // group_size over this program's rows? (sorted act-order weights are, too)
-        bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
-            bad += tl.sum(((g != offs_k // group_size) & (offs_k < K)).to(tl.int32), axis=0)
-        if bad == 0:
-            if INTERLEAVE:
-                acc = _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n,
-                                          N, K, ZW, stride_xm, k_start, k_end, group_size, True, BITS, IEEE,
-                                          BLOCK_K, BLOCK_N, NUM_STAGES)
-            else:
-                acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
-                              stride_xm, k_start, k_end, group_size, True, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
-                              BLOCK_K, BLOCK_N, NUM_STAGES)
+    if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
+        if INTERLEAVE:
+            acc, bad = _k_loop_interleaved(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n,
+                                           N, K, ZW, stride_xm, k_start, k_end, group_size, True, BITS, IEEE,
+                                           BLOCK_K, BLOCK_N, NUM_STAGES)
         else:
-            acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
-                          stride_xm, k_start, k_end, group_size, False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
-                          BLOCK_K, BLOCK_N, 1)
+            acc, bad = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                               stride_xm, k_start, k_end, group_size, True, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
+                               BLOCK_K, BLOCK_N, NUM_STAGES)
+        if bad != 0:  # it is not: redo this program with per-row groups
+            acc, bad = _k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
+                               offs_m, mask_m, offs_n, mask_n, N, K, ZW, stride_xm, k_start, k_end, group_size,
+                               False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE, BLOCK_K, BLOCK_N, 1)
     else:
-        acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
-                      stride_xm, k_start, k_end, group_size, False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
-                      BLOCK_K, BLOCK_N, 1)
+        acc, bad = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                           stride_xm, k_start, k_end, group_size, False, BITS, USE_DOT, UNPACK_RESHAPE, IEEE,
+                           BLOCK_K, BLOCK_N, 1)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -242,28 +251,23 @@ def gptq_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
-    bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
-    if FAST_OK:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
-            bad += tl.sum(((g != offs_k // group_size) & (offs_k < K)).to(tl.int32), axis=0)
-    else:
-        bad += 1
-    if bad == 0:
+    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    bad = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0) + 1
+    if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
+        bad -= 1
         acc2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            bad += _group_mismatches(g_ptr, k0, K, group_size, BLOCK_K)
             rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
             words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                             mask=(rows[:, None] < k_end // PER) & mask_n[None, :], other=0)  # [BKW, BN]
             acc2 = _gemv_tile(acc2, words, k0, x_ptr, qz_ptr, s_ptr, offs_n, mask_n, N, K, ZW, group_size, BITS, PER,
                               BKW, BLOCK_N)
         acc = tl.sum(acc2, axis=0)[None, :]  # [1, BN]
-    else:  # g_idx is not k // group_size here (unsorted act-order called directly): per-row groups
-        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-        acc = _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, tl.arange(0, 1), tl.arange(0, 1) < M, offs_n, mask_n,
-                      N, K, ZW, stride_xm, k_start, k_end, group_size, False, BITS, False, True, False, BLOCK_K,
-                      BLOCK_N, 1)
+    if bad != 0:  # g_idx is not k // group_size here (unsorted act-order called directly): per-row groups
+        acc, bad = _k_loop(tl.zeros((1, BLOCK_N), dtype=tl.float32), x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
+                           tl.arange(0, 1), tl.arange(0, 1) < M, offs_n, mask_n, N, K, ZW, stride_xm, k_start, k_end,
+                           group_size, False, BITS, False, True, False, BLOCK_K, BLOCK_N, 1)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
