@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import triton  # noqa: F401  (lowering/__init__ registers this module only where triton imports)
 from torch.library import triton_op, wrap_triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import pack_rows, unpack_rows
 from .gptq_linear import check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference: ground truth)
@@ -137,9 +138,24 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
 # compile-time preparation of act-order weights (called by lowering.select_kernels on the real graph)
 
 
+# qweight tensor -> (g_idx it was sorted with, its sort): the graphs of one model (prefill, decode, ...) share one
+# sorted copy instead of one each (weakly keyed: it never keeps a weight alive)
+_sorted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def sort_act_order(qweight, qzeros, scales, g_idx, bits):
     """Permute K so that g_idx is non-decreasing: returns (perm int64 [K], qweight', g_idx') with
-    ``x[..., perm] @ dequant(qweight', g_idx') == x @ dequant(qweight, g_idx)``; perm None when already sorted."""
+    ``x[..., perm] @ dequant(qweight', g_idx') == x @ dequant(qweight, g_idx)``; perm None when already sorted.
+    Computed once per (qweight, g_idx) pair of tensors."""
+    found = _sorted.get(qweight)
+    if found is not None and found[0] is g_idx:
+        return found[1]
+    result = _sort_act_order(qweight, g_idx, bits)
+    _sorted[qweight] = (g_idx, result)
+    return result
+
+
+def _sort_act_order(qweight, g_idx, bits):
     k = g_idx.numel()
     if k < 2 or bool((g_idx[1:] >= g_idx[:-1]).all()):
         return None, qweight, g_idx

@@ -139,6 +139,18 @@ def test_prepare_sorts_act_order_once(bits):
     torch.testing.assert_close(gm(x), expected, rtol=2e-3, atol=2e-3)  # same function (fp16 matmul order)
 
 
+def test_graphs_of_one_model_share_the_sorted_weights():
+    """generate compiles a prefill and a decode graph over the same cached weights: one sorted copy, not one each."""
+    w = _weights(40, 256, 4, 64, act_order=True)
+    sorted_qweights = []
+    for _ in range(2):
+        gm = fx.symbolic_trace(_Linear(w))
+        node = next(n for n in gm.graph.nodes if n.target == torch.ops.optgptq.gptq_linear.default)
+        T.prepare_node(gm, node)
+        sorted_qweights.append(getattr(gm, node.args[1].target))
+    assert sorted_qweights[0] is sorted_qweights[1]
+
+
 def test_sorted_weights_are_left_alone():
     gm = fx.symbolic_trace(_Linear(_weights(40, 256, 4, 64, act_order=False)))
     node = next(n for n in gm.graph.nodes if n.target == torch.ops.optgptq.gptq_linear.default)
