@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ def decode_table(out, batches, contexts):
     from optgptq_compile.lowering.paged_attention import torch_kv_gather, torch_paged_attention
 
     sms = _sms()
-    rows = []
+    rows = out["decode"] = []  # filled as measured: a failure part-way keeps the rows before it
     for b, length in itertools.product(batches, contexts):
         kv_bytes = 2 * b * length * HKV * D * 2
         if kv_bytes * 6 > MEM_LIMIT:  # pool + contiguous + expanded copies
@@ -274,7 +275,6 @@ def decode_table(out, batches, contexts):
                   f"err {row['err_vs_sdpa']:.1e}", flush=True)
         del case, contig
         _empty_cache()
-    out["decode"] = rows
 
 
 def split_sweep(out, tiles=False):
@@ -463,6 +463,7 @@ def main(argv=None):
         except Exception as exc:  # keep what was measured; report the failure
             out.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
             print("FAILED:", type(exc).__name__, exc, flush=True)
+            traceback.print_exc(limit=-8)  # where: a RecursionError on the H100 was not reproduced on the CPU
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_paged_attention.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
