@@ -3,8 +3,8 @@ materialized ALiBi bias and BLOOM's eager baddbmm + softmax + bmm, after a corre
 
     PYTHONPATH=. python benchmarks/bench_attention.py [--quick] [--sweep] [--out DIR]
 
-Timing: ``triton.testing.do_bench`` (median) of a CUDA graph replaying REPLAYS calls, divided by REPLAYS (so
-Python launch overhead is not counted for anyone); decode calls cycle over enough copies of the KV cache to exceed
+Timing: ``benchmarks/timing.py`` (median of ``triton.testing.do_bench`` over a CUDA graph of the calls, divided by
+their number, so Python launch overhead is not counted for anyone); decode calls cycle over enough copies of the KV cache to exceed
 the 50 MB L2. FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal prefill (the keys a query does not see are not
 work). Decode reports GB/s of K + V (+ q, out) against the H100's 3.0 TB/s copy rate. Writes
 ``bench_attention.json`` and ``bench_attention.md`` under ``--out`` (default $OUT).
@@ -22,10 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script from anywhere
+from timing import time_graph  # noqa: E402  (benchmarks/timing.py: the shared CUDA-graph timing)
+
 DEVICE = "cuda"  # a CPU smoke run of the script's logic may set "cpu" (with TRITON_INTERPRET=1)
 BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (DESIGN.md section 5)
 L2 = 50e6
-REPLAYS = 10
 TARGETS = dict(  # DESIGN.md section 6 / issue 5 (H100, S=2048, 32 heads, head 128, causal)
     alibi_vs_flash_max=1.5,  # ours with ALiBi <= 1.5x SDPA flash without bias
     bias_speedup_min=2.0,  # ours with ALiBi >= 2x faster than SDPA with a materialized bias
@@ -60,28 +62,6 @@ def bloom_eager(q, k, v, alibi, causal_mask, scale):
 def sdpa(q, k, v, **kw):
     """SDPA; GQA through enable_gqa (K/V not repeated)."""
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1], **kw)
-
-
-def time_graph(fns, replays=REPLAYS):
-    """Median us per call of a CUDA graph replaying ``replays`` calls, cycling over ``fns``."""
-    import triton
-
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(replays):
-            fns[i % len(fns)]()
-    ms = triton.testing.do_bench(graph.replay, warmup=20, rep=100, return_mode="median")
-    del graph
-    return ms * 1e3 / replays
 
 
 def peak_bytes(fn) -> int:

@@ -20,6 +20,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script from anywhere
+from timing import time_graph  # noqa: E402  (benchmarks/timing.py: the shared CUDA-graph timing)
 import triton
 
 from optgptq_compile.lowering import triton_gptq_linear as T
@@ -36,7 +39,6 @@ SHAPES = {  # (N, K) = (out, in) features
     "70B down 8192x28672": (8192, 28672),
 }
 MS = (1, 4, 16, 64, 256, 2048)
-REPLAYS = 20
 
 
 def random_gptq(n, k, bits=4, group=128, dtype=torch.bfloat16, act_order=False, seed=0):
@@ -56,25 +58,6 @@ def random_gptq(n, k, bits=4, group=128, dtype=torch.bfloat16, act_order=False, 
 
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def time_graph(fns):
-    """Median us per call of a CUDA graph replaying REPLAYS calls, cycling over ``fns`` (one per weight copy)."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(REPLAYS):
-            fns[i % len(fns)]()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    return ms * 1e3 / REPLAYS
 
 
 def time_eager(fns):

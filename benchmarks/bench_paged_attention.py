@@ -37,6 +37,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script from anywhere
+from timing import time_graph  # noqa: E402  (benchmarks/timing.py: the shared CUDA-graph timing)
+
 BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (DESIGN.md section 5)
 L2 = 50e6
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
@@ -78,34 +81,6 @@ def _sms():
 def slopes(h):
     """BLOOM's ALiBi slopes for h heads (a power of two here)."""
     return torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], dtype=torch.float32, device=DEV)
-
-
-def time_graph(fns, replays=20):
-    """Median us per call of a CUDA graph replaying ``replays`` calls, cycling over ``fns``."""
-    import triton
-
-    if DEV == "cpu":  # --smoke: one pass, wall clock
-        t0 = time.perf_counter()
-        for i in range(len(fns)):
-            fns[i]()
-        return (time.perf_counter() - t0) * 1e6 / len(fns)
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    replays = max(replays, len(fns))  # every copy once per replay, or the small ones would sit in L2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(replays):
-            fns[i % len(fns)]()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-    del graph
-    return ms * 1e3 / replays
 
 
 def try_time(fns, replays=20):
