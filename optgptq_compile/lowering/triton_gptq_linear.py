@@ -1,8 +1,9 @@
 """Triton GPTQ matmul for ``optgptq::gptq_linear``: ``optgptq::gptq_linear_triton`` (same schema), CUDA and ROCm.
 
 Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in benchmarks/RESULTS.md):
-  * gemv (M == 1, 2/4/8 bits): split-K over enough programs to keep HBM busy, fp32 partial sums added atomically
-    into a zeroed fp32 buffer (then cast); dequant with the 2**23 float trick and one FMA per weight.
+  * gemv (M == 1, 2/4/8 bits; ``triton_gptq_gemv_kernel.py``): split-K over enough programs to keep HBM busy, the
+    last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); dequant with
+    the 2**23 float trick, about 3 instructions per weight.
   * dot (M = 2..16, and 3 bits at M == 1): 16-row ``tl.dot`` tiles with the weight dequantized in the K loop,
     split-K as above; 2/4/8 bits run one dot per packed-value position, so the weight tile is never reshaped.
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
@@ -43,8 +44,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
-    if m == 1 and bits != 3:
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3)
+    if m == 1 and bits != 3:  # one warp owns all rows of a 256-column tile (the gemv kernel's layout)
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=1, num_stages=3)
     else:  # 2..16 rows: one 16-row tensor-core tile, split-K for parallelism
         cfg = dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     if bits == 3:  # two gathered word tiles per weight tile: keep them small enough to pipeline in shared memory
@@ -92,6 +93,8 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     mod = kernels("triton_gptq_linear_kernel")
     launch = not tracing_interpreted(x)
     gs = k if group_size == -1 else group_size
+    if kind == "gemv":
+        return _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch).reshape(*x.shape[:-1], n)
     if kind == "dequant":  # prefill: one pass to a dense weight, then cuBLAS/hipBLASLt
         w = x.new_empty(k, n)  # [K, N]
         grid = (-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))
@@ -113,17 +116,7 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     cfg.setdefault("INTERLEAVE", kind == "dot" and bits != 3 and bk * bits // 32 >= 16)
     args = (x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y,
             m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, max(gs, 1))
-    if not launch:
-        pass
-    elif kind == "gemv":
-        for key in ("UNPACK_RESHAPE", "INTERLEAVE", "BLOCK_M"):
-            cfg.pop(key)
-        # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
-        cfg.setdefault("STAGES", cfg["num_stages"])
-        grid = (-(-n // cfg["BLOCK_N"]), split)
-        wrap_triton(mod.gptq_gemv_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                                                FAST_OK=fast_ok, **cfg)
-    else:
+    if launch:
         grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]), split)
         wrap_triton(mod.gptq_matmul_kernel)[grid](*args, BITS=bits, HAS_BIAS=bias is not None, ATOMIC=atomic,
                                                   FAST_OK=fast_ok, USE_DOT=cfg["BLOCK_M"] >= 16,
@@ -132,6 +125,47 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     if atomic:
         y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
+    """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype."""
+    k, n = x2.shape[1], scales.shape[-1]
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
+                                       per_sm=cfg.get("PER_SM", 8))
+    k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
+    split = -(-k // k_per_split)
+    tiles = -(-n // bn)
+    y = x2.new_empty(1, n)  # [1, N]
+    part = x2.new_empty(split, n, dtype=torch.float32) if split > 1 else y  # [splits, N] partial sums
+    locks = _split_locks(x2, tiles) if split > 1 else g_idx
+    fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
+    if launch:
+        # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
+        wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
+            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
+            n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
+            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
+            GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+# device -> int32 counters, zero between launches: the gemv's last-split detection. Every gemv launch on a device
+# uses the same counters and leaves them zero, so launches must not run concurrently on two streams of one device
+# (the runtime and Inductor issue them on one stream).
+_locks: dict = {}
+
+
+def _split_locks(x: torch.Tensor, tiles: int) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(x):  # traced into a graph (Inductor inlining the kernel): a fresh zeroed buffer per call
+        return torch.zeros(tiles, device=x.device, dtype=torch.int32)
+    locks = _locks.get(x.device)
+    if locks is None or locks.numel() < tiles:
+        locks = _locks[x.device] = torch.zeros(max(tiles, 4096), device=x.device, dtype=torch.int32)
+    return locks
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,10 +249,8 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
                        K="i32", ZW="i32")
             const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
         elif kind == "gemv":
-            fn = mod.gptq_gemv_kernel
-            sig = {**ptrs, **ints}
-            const = dict(BITS=bits, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1, FAST_OK=True,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=opts["num_stages"])
+            specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
+            continue
         else:
             fn = mod.gptq_matmul_kernel
             sig = {**ptrs, **ints}
@@ -229,3 +261,28 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         sig.update({name: "constexpr" for name in const})
         specs.append((label, fn, sig, const, opts))
     return specs
+
+
+def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):
+    """The ahead-of-time compile spec of ``gptq_gemv_kernel`` for one shape and config (also used by
+    benchmarks/sass_loop.py), with the divisibility attributes the JIT infers from 16-byte aligned tensors and
+    sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
+    gs = k if group == -1 else group
+    split = cfg.get("SPLIT_K") or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
+                                           132, per_sm=cfg.get("PER_SM", 8))
+    sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
+               y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32",
+               magic="i32", half_shift="i32")
+    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
+                 GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
+                 EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"])
+    names = list(sig)
+    aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
+                                                                   ("magic", 0x4B000000),
+                                                                   ("half_shift", 16)) if v % 16 == 0]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    sig.update({name: "constexpr" for name in const})
+    label = f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
+    return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const,
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))

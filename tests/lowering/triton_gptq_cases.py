@@ -181,3 +181,18 @@ def test_kernels_triton_without_a_device_is_a_clear_error(monkeypatch):
     compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "kernels": "triton", "strict": True})
     with pytest.raises(Exception, match="kernels='triton'.*cannot run on cpu"):
         compiled(torch.randint(3, 128, (1, 4)))
+
+
+@pytest.mark.parametrize("act_order", [False, True])  # True: the gemv's per-channel-group fallback loop
+@pytest.mark.parametrize("split", [1, 3])
+def test_gemv_full_tiles_and_split_k_counters(act_order, split):
+    """N and K multiples of the tile (the unmasked EVEN_N/EVEN_K build), and split-K's last-program reduction: three
+    calls in a row give the same result, the bias is added once, and every tile counter is back to zero."""
+    w = _weights(256, 512, 4, 128, act_order, seed=2)
+    cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=1, num_stages=2, SPLIT_K=split)
+    x, bias = torch.randn(1, 512, dtype=torch.float16), torch.randn(256, dtype=torch.float16)
+    ys = [T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, 4, 128, config=cfg) for _ in range(3)]
+    _check(w, x, bias, cfg)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])  # partial sums added in split order
+    if split > 1:
+        assert int(T._locks[x.device].count_nonzero()) == 0

@@ -1,0 +1,156 @@
+"""``gptq_gemv_kernel``: y[N] = x[K] @ dequant(qweight) (+ bias) for decode (one activation row), 2/4/8 bits, HF
+GPTQ layout (launcher and reference: ``triton_gptq_linear.py``). Nothing but ``@triton.jit`` functions here.
+
+At M == 1 a GEMV on the H100 is bound by the instructions it issues per weight as much as by HBM: 45 M weights of
+an 11008x4096 layer at 3 TB/s leave ~5.8 instructions per weight per lane at full issue rate, so the design counts
+them (``benchmarks/sass_loop.py`` prints the SASS main loop's instructions per weight):
+
+* Dequant without a shift per value: value j of a 16-bit half-word sits at bit j*BITS; masked in place and or-ed
+  with the exponent of 2**(23 - j*BITS), its bits are the float 2**(23 - j*BITS) + q, exactly, and subtracting
+  2**(23 - j*BITS) + z (built the same way, once per column and group) leaves q - z. Per weight: one LOP3, one
+  FADD, one FFMA; one shift per word for its high half.
+* The exponent bits and the half-word shift arrive as run-time arguments (``magic``, ``half_shift``): with them
+  as constants LLVM rewrote the tricks back into what they avoid (sm90 build: the float subtraction folded into an
+  int-to-float conversion per weight; the shifted masks became shift + bit-extract pairs).
+* Layout: BLOCK_N is a multiple of 128 * num_warps, so the lanes of a warp spread over columns only and each thread
+  owns every word row of a tile (and 4 or more columns): the sum over K is an in-thread FFMA chain, never a shuffle,
+  and each x value is one load (all lanes of a warp read the same address) reused across the thread's columns.
+* No masks on full tiles (EVEN_N, EVEN_K), and the check that ``g_idx`` is ``k // group_size`` is one compare per
+  row per tile, reduced once after the loop.
+* Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
+  (an atomic counter) adds them in split order, adds the bias, writes y in x's dtype and resets the counter. No
+  zero fill, no cast kernel, and the sum is deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _word_bits(ptr, bit, mask, BITS: tl.constexpr):
+    """BITS bits at bit offset ``bit`` of a little-endian int32 word stream (2/4/8 bits never straddle words)."""
+    return (tl.load(ptr + bit // 32, mask=mask, other=0) >> (bit % 32)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K: tl.constexpr, BITS: tl.constexpr,
+          PER: tl.constexpr):
+    """sum over the tile's rows of x[k] * (q[k, n] - z[n]), [BN] fp32, for one tile that is one group.
+    words [BKW, BN] int32, rows [BKW] its word rows, z [BN] int32 zero points; magic, half_shift: see the kernel."""
+    HALF: tl.constexpr = PER // 2  # values per 16-bit half-word
+    MASK: tl.constexpr = (1 << BITS) - 1
+    t = tl.zeros(words.shape, dtype=tl.float32)  # [BKW, BN]: one FFMA chain per element over the values j
+    for half in tl.static_range(2):  # the low 16-bit half-word of every word, then the high one
+        if half == 1:
+            words = words >> half_shift  # in place: the low half is done (the sign bits are masked off below)
+        for j in tl.static_range(HALF):
+            # value j sits at bit j*BITS: under the exponent of 2**(23 - j*BITS) its mantissa bits mean q exactly
+            magic_j = magic - ((j * BITS) << 23)
+            zf = ((z << (j * BITS)) | magic_j).to(tl.float32, bitcast=True)[None, :]  # [1, BN] 2**(23-jb) + z
+            k = rows * PER + half * HALF + j  # [BKW] input channel of value half*HALF + j of each word
+            if EVEN_K:
+                x = tl.load(x_ptr + k).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            f = ((words & (MASK << (j * BITS))) | magic_j).to(tl.float32, bitcast=True)  # 2**(23-jb) + q
+            t += x[:, None] * (f - zf)
+    return tl.sum(t, axis=0)  # [BN]: in-thread adds (each thread owns every row of the tile)
+
+
+@triton.jit
+def _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end,
+                    BITS: tl.constexpr):
+    """The slow path, correct for any g_idx (unsorted act-order called directly): one input channel at a time, each
+    with its own group's scale and zero. [BN] fp32. Only [BN] vectors, so the registers it needs do not crowd the
+    main loop's (ptxas allocates one register budget for the whole kernel)."""
+    PER: tl.constexpr = 32 // BITS
+    acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+    for k in range(k_start, k_end):
+        word = tl.load(qw_ptr + (k // PER) * N + offs_n, mask=mask_n, other=0)  # [BN]
+        g = tl.load(g_ptr + k)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
+        q = (word >> ((k % PER) * BITS)) & ((1 << BITS) - 1)
+        acc += tl.load(x_ptr + k).to(tl.float32) * ((q - z).to(tl.float32) * s)
+    return acc
+
+
+@triton.jit
+def gptq_gemv_kernel(
+    x_ptr,  # [K] one activation row
+    qw_ptr,  # int32 [K*BITS/32, N]
+    qz_ptr,  # int32 [G, ZW]
+    s_ptr,  # [G, N]
+    g_ptr,  # int32 [K]
+    b_ptr,  # [N] (unused without HAS_BIAS)
+    y_ptr,  # [N], x's dtype
+    part_ptr,  # fp32 [num K splits, N] partial sums (SPLIT only)
+    lock_ptr,  # int32 [>= cdiv(N, BLOCK_N)], all zero between launches (SPLIT only)
+    N, K, ZW,
+    k_per_split,  # K rows per program along grid axis 1, a multiple of BLOCK_K
+    magic,  # 0x4B000000, the bits of the float 2**23 (run-time values: see the module docstring)
+    half_shift,  # 16
+    BITS: tl.constexpr,  # 2, 4 or 8 (whole values per word)
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
+    FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or one group): a tile is one group if g_idx is plain
+    GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
+    BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,  # software-pipelining depth of the K loop
+):
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER  # packed word rows per tile
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # per tile row: how often its g_idx was not k // group_size
+    if not FAST_OK:
+        bad += 1
+    if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+            g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
+            if EVEN_K:
+                bad += (tl.load(g_ptr + offs_k) != g).to(tl.int32)
+            else:
+                bad += ((tl.load(g_ptr + offs_k, mask=offs_k < K, other=0) != g) & (offs_k < K)).to(tl.int32)
+            w_ptrs = qw_ptr + rows[:, None] * N + offs_n[None, :]
+            if EVEN_N and EVEN_K:
+                words = tl.load(w_ptrs)  # [BKW, BN]
+            else:
+                words = tl.load(w_ptrs, mask=(rows < K // PER)[:, None] & mask_n[None, :], other=0)
+            if EVEN_N:
+                s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)  # [BN]
+                z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, offs_n >= 0, BITS)  # [BN]
+            else:
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
+            acc += _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K, BITS, PER) * s
+    if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
+        acc = _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end, BITS)
+
+    if SPLIT:
+        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()  # every thread's partial sums are stored before the release below
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:  # the last split of this column tile: reduce, in split order
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(0, tl.num_programs(1)):
+                acc += tl.load(part_ptr + i * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # zero again for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
