@@ -106,12 +106,14 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        # split-K (SPLIT_K=0: the launcher's count, and twice that), fp32 atomics into a zeroed buffer
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=0)
-                for bn in (128, 256) for bk in (64, 128)]  # BLOCK_K <= the group (128)
-        # no split: narrow column tiles over the whole K, no atomics, no zero fill, no cast
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1)
-                for bn in (32, 64)]
+        # gemv: one warp per column tile (BLOCK_N = 256 * warps keeps every row of a tile in-thread); the number of
+        # K splits from PER_SM programs per SM, reduced by the last split of each tile
+        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0,
+                     PER_SM=per_sm)
+                for bn, bk, nw, ns, per_sm in ((256, 64, 1, 3, 8), (256, 64, 1, 3, 4), (256, 64, 1, 3, 16),
+                                               (256, 64, 1, 4, 8), (256, 128, 1, 3, 8), (256, 128, 1, 3, 4),
+                                               (256, 32, 1, 4, 8), (512, 32, 1, 4, 8), (512, 64, 2, 3, 8),
+                                               (128, 128, 1, 3, 8))]
     if 1 < m <= 64:
         bm = 16 if m <= 16 else 64
         out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,
@@ -130,14 +132,17 @@ def sweep(out, ms):
     print the best per (shape, M)."""
     res = []
     cases = [(s, m) for s in list(SHAPES.items())[1:3] for m in (1, 16) if m in ms]
+    if 1 in ms:  # what a 7B decode step runs at M=1: o (4096x4096) and the fused q/k/v and gate/up projections
+        cases += [(s, 1) for s in (list(SHAPES.items())[0], ("7B qkv fused 12288x4096", (12288, 4096)),
+                                   ("7B gate/up fused 22016x4096", (22016, 4096)))]
     cases += [(list(SHAPES.items())[1], m) for m in (4, 64, 256, 2048) if m in ms]
     for (name, (n, k)), m in cases:
         w = [random_gptq(n, k, seed=i) for i in range(copies_for(k * n // 2))]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         best = None
         for c in candidates(m):
-            splits = [1]
-            if c.get("SPLIT_K") == 0:
+            splits = [c.get("SPLIT_K", 1)]  # 0 with PER_SM: the launcher's count for that many programs per SM
+            if c.get("SPLIT_K") == 0 and "PER_SM" not in c:
                 base = T._split_k(m, n, k, c, 132)
                 splits = sorted({max(1, int(base * f)) for f in (1, 2)})
             for sk in splits:
