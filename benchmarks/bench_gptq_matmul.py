@@ -110,10 +110,10 @@ def candidates(m):
         # K splits from PER_SM programs per SM, reduced by the last split of each tile
         out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0,
                      PER_SM=per_sm)
-                for bn, bk, nw, ns, per_sm in ((256, 64, 1, 3, 8), (256, 64, 1, 3, 4), (256, 64, 1, 3, 16),
-                                               (256, 64, 1, 4, 8), (256, 128, 1, 3, 8), (256, 128, 1, 3, 4),
-                                               (256, 32, 1, 4, 8), (512, 32, 1, 4, 8), (512, 64, 2, 3, 8),
-                                               (128, 128, 1, 3, 8))]
+                for bn, bk, nw, ns, per_sm in ((256, 32, 1, 4, 4), (256, 32, 1, 4, 8), (256, 32, 1, 4, 16),
+                                               (256, 32, 1, 3, 8), (256, 64, 1, 3, 4), (256, 64, 1, 3, 8),
+                                               (256, 64, 1, 3, 16), (128, 128, 1, 3, 8), (128, 128, 1, 3, 16),
+                                               (128, 64, 1, 4, 8), (128, 64, 1, 4, 16))]
     if 1 < m <= 64:
         bm = 16 if m <= 16 else 64
         out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,

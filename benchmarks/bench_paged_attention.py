@@ -71,7 +71,7 @@ def _sync():
 
 def _empty_cache():
     if DEV == "cuda":
-        _empty_cache()
+        torch.cuda.empty_cache()
 
 
 def _sms():
@@ -249,7 +249,7 @@ def decode_table(out, batches, contexts):
                   f"{row['reference_us']:9.1f}  floor {row['floor_us']:7.1f}  x_sdpa {row['x_sdpa']:.2f}  "
                   f"err {row['err_vs_sdpa']:.1e}", flush=True)
         del case, contig
-        _empty_cache()
+        torch.cuda.empty_cache()
 
 
 def split_sweep(out, tiles=False):
@@ -283,7 +283,7 @@ def split_sweep(out, tiles=False):
               f"{next(r['us'] for r in rows if r['b'] == b and r['context'] == length and r['picked']):.1f} us; "
               f"best {best[0]:.1f} us {best[1]}", flush=True)
         del case
-        _empty_cache()
+        torch.cuda.empty_cache()
     out["split_sweep"] = rows
 
 

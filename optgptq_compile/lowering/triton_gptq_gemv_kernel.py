@@ -100,6 +100,8 @@ def gptq_gemv_kernel(
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining depth of the K loop
+    REDUCE_ROWS: tl.constexpr = 16,  # split-K: partial-sum rows the last program loads at once (a loop of one
+    # row per load waited one L2 round trip per split: ~10 us of a 14 us 4096x4096 call on the H100)
 ):
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER  # packed word rows per tile
@@ -142,10 +144,15 @@ def gptq_gemv_kernel(
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
         tl.debug_barrier()  # every thread's partial sums are stored before the release below
         arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(1) - 1:  # the last split of this column tile: reduce, in split order
+        splits = tl.num_programs(1)
+        if arrived == splits - 1:  # the last split of this column tile: reduce, in split order
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(0, tl.num_programs(1)):
-                acc += tl.load(part_ptr + i * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            for i0 in range(0, splits, REDUCE_ROWS):  # REDUCE_ROWS partial rows per load: one L2 round trip each
+                i = i0 + tl.arange(0, REDUCE_ROWS)  # [R]
+                rmask = (i < splits)[:, None] & mask_n[None, :]
+                part = tl.load(part_ptr + i[:, None] * N + offs_n[None, :], mask=rmask, other=0.0,
+                               cache_modifier=".cg")  # [R, BN]; .cg: from L2, never a stale L1 line
+                acc += tl.sum(part, axis=0)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
