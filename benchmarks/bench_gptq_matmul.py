@@ -115,13 +115,30 @@ def candidates(m):
                                                (256, 64, 1, 3, 16), (128, 128, 1, 3, 8), (128, 128, 1, 3, 16),
                                                (128, 64, 1, 4, 8), (128, 64, 1, 4, 16))]
     if 1 < m <= 64:
-        bm = 16 if m <= 16 else 64
-        out += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1 if m <= 16 else 8, num_warps=nw,
-                     num_stages=ns, SPLIT_K=0)
-                for bn in (64, 128, 256) for nw in (4, 8) for ns in (3, 4)]
+        # gptq_dot_kernel (weights as the dot's 64-row side, one BLOCK_M row block up to 64 rows); SPLIT_K=0: the
+        # launcher's split count and twice that (K splits do not recompile). sm90 SASS of each (Triton 3.6, main
+        # loop instructions per weight per lane / registers, no spills) in the comments.
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        if bm < 64:
+            shapes = ((128, 128, 4, 3),  # 4.44 / 170: the default
+                      (128, 128, 4, 4),  # deeper pipeline
+                      (256, 128, 4, 3),  # 3.96 / 251: the fixed per-tile costs over twice the weights
+                      (256, 64, 4, 4),  # 4.47 / 220
+                      (256, 128, 8, 3),  # 4.4 / 173: two warpgroups, fewer programs, fewer splits
+                      (64, 128, 4, 4))  # 6.5 / 103: more column tiles, fewer splits
+        else:
+            shapes = ((128, 128, 4, 3),  # 5.11 / 255: the default
+                      (64, 128, 4, 4),  # 6.6 / 229
+                      (256, 128, 8, 3),  # 4.98 / 255
+                      (128, 64, 4, 4))
+        out += [dict(KERNEL="wdot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0)
+                for bn, bk, nw, ns in shapes]
+        if bm == 64:  # 32-row blocks: two programs per column tile read its weights (the second from L2)
+            out += [dict(KERNEL="wdot", BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=0)]
     if m >= 64:
         out += [dict(KERNEL="dequant", BLOCK_K=bk, BLOCK_N=bn, num_warps=4, num_stages=1)
                 for bk, bn in ((64, 128), (128, 64))]
+    if m >= 128:
         out += [dict(KERNEL="dot", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=ns,
                      SPLIT_K=1) for bn in (64, 128) for ns in (3, 4)]
     return out

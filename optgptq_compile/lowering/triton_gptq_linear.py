@@ -34,7 +34,7 @@ from .triton_utils import check_device, device_index, kernels, num_sms, tracing_
 # launcher
 
 
-DEQUANT_MIN_M = 17  # from here on: dequantize once + cuBLAS beat the fused dot kernel on the H100 (RESULTS.md)
+DEQUANT_MIN_M = 65  # from here on: dequantize once + cuBLAS (prefill); below, the fused wdot kernel
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int = 132) -> dict:
@@ -44,9 +44,15 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
-    if m == 1 and bits != 3:  # one warp owns all rows of a 256-column tile (the gemv kernel's layout)
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=1, num_stages=3)
-    else:  # 2..16 rows: one 16-row tensor-core tile, split-K for parallelism
+    if m == 1 and bits != 3:  # one warp owns every row of its column tile (the gemv kernel's layout)
+        # H100 sweep (RESULTS.md): wide tiles for wide layers (11008, 12288, 22016 columns), narrow ones for 4096
+        wide = n >= 8192
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256 if wide else 128, BLOCK_K=32 if wide else 64, num_warps=1,
+                   num_stages=3 if wide else 4)
+    elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
+        cfg = dict(KERNEL="wdot", BLOCK_M=16 if m <= 16 else 32 if m <= 32 else 64, BLOCK_N=128, BLOCK_K=128,
+                   num_warps=4, num_stages=3)
+    else:  # 3 bits: gptq_matmul_kernel, one 16-row tensor-core tile per program
         cfg = dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     if bits == 3:  # two gathered word tiles per weight tile: keep them small enough to pipeline in shared memory
         cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
@@ -105,6 +111,13 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
+    if kind == "wdot":
+        if _wdot_ok(x, bits, gs, k, cfg["BLOCK_K"]):
+            return _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch).reshape(*x.shape[:-1], n)
+        # fp32 activations (exact IEEE dot), or a group size no tile divides: gptq_matmul_kernel
+        cfg = dict(BLOCK_M=16, BLOCK_N=min(cfg["BLOCK_N"], 256), BLOCK_K=cfg["BLOCK_K"], GROUP_M=1,
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SPLIT_K=cfg["SPLIT_K"])
+        kind = "dot"
     cfg.setdefault("UNPACK_RESHAPE", bits != 3)
     split = cfg.pop("SPLIT_K")
     bk = cfg["BLOCK_K"]
@@ -125,6 +138,34 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     if atomic:
         y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _wdot_ok(x, bits, gs, k, bk) -> bool:
+    """gptq_dot_kernel's domain: whole values per word, fp16/bf16 activations, every tile within one group."""
+    return bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16) and gs > 0 and (gs % bk == 0 or gs >= k)
+
+
+def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
+    """M = 2..64: ``gptq_dot_kernel`` over (row blocks, column tiles, K splits) programs. y [M, N] in x's dtype."""
+    m, k = x2.shape
+    n = scales.shape[-1]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = cfg["SPLIT_K"] or _split_k(m, n, k, cfg, num_sms(device_index(x2)))
+    k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
+    split = -(-k // k_per_split)
+    grid = (-(-m // bm), -(-n // bn), split)
+    y = x2.new_empty(m, n)  # [M, N]
+    part = x2.new_empty(split, m, n, dtype=torch.float32) if split > 1 else y  # [splits, M, N] partial sums
+    locks = _split_locks(x2, grid[0] * grid[1]) if split > 1 else g_idx
+    if launch:
+        # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
+        wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dot_kernel)[grid](
+            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
+            m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, 0x4B000000, 16,
+            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // bk,
+            EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
 
 
 def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
@@ -235,10 +276,14 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
     mod = kernels("triton_gptq_linear_kernel")
     specs = []
     n, k = 11008, 4096
-    for m, bits, group in ((1, 4, 128), (16, 4, 128), (4, 8, 128), (4, 4, 32), (16, 3, 128), (2048, 4, 128)):
+    for m, bits, group in ((1, 4, 128), (16, 4, 128), (64, 4, 128), (4, 8, 128), (4, 4, 32), (16, 3, 128),
+                           (2048, 4, 128)):
         cfg = pick_config(m, n, k, bits, group)
         kind = cfg.pop("KERNEL")
         label = f"{kind} m{m} {bits}bit g{group}"
+        if kind == "wdot":
+            specs.append(wdot_aot_spec(m, n, k, bits, group, cfg, dtype))
+            continue
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         ptrs = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32",
                     b_ptr=f"*{dtype}", y_ptr="*fp32")
@@ -261,6 +306,31 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         sig.update({name: "constexpr" for name in const})
         specs.append((label, fn, sig, const, opts))
     return specs
+
+
+def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):
+    """The ahead-of-time compile spec of ``gptq_dot_kernel`` for one shape and config (label "dot ..." so the AOT
+    test asserts tensor-core instructions), with the divisibility attributes the JIT infers from 16-byte aligned
+    tensors and sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
+    gs = k if group == -1 else group
+    split = cfg.get("SPLIT_K") or _split_k(m, n, k, cfg, 132)
+    sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
+               y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", ZW="i32",
+               stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
+    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
+                 EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
+                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"])
+    names = list(sig)
+    k_per_split = -(-k // (split * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
+    aligned = names[:9] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32), ("stride_xm", k),
+                                                ("stride_ym", n), ("k_per_split", k_per_split),
+                                                ("magic", 0x4B000000), ("half_shift", 16)) if v % 16 == 0]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    sig.update({name: "constexpr" for name in const})
+    label = (f"dot wdot m{m} {bits}bit g{group} bm{cfg['BLOCK_M']} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} "
+             f"w{cfg['num_warps']} s{cfg['num_stages']}")
+    return (label, kernels("triton_gptq_linear_kernel").gptq_dot_kernel, sig, const,
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))
 
 
 def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):

@@ -197,6 +197,165 @@ def gptq_matmul_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# gptq_dot_kernel: decode batches (M = 2..64), 2/4/8 bits, fp16/bf16 activations, g_idx plain k // group_size
+
+
+@triton.jit
+def _word_bits(ptr, bit, mask, BITS: tl.constexpr):
+    """BITS bits at bit offset ``bit`` of a little-endian int32 word stream (2/4/8 bits never straddle words)."""
+    return (tl.load(ptr + bit // 32, mask=mask, other=0) >> (bit % 32)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _value(lo, hi, z, magic, J: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """q - z of value J of every word, exact, in DT. lo: the words, hi: the words >> 16; z [BN] zero points.
+    Value j of a 16-bit half-word sits at bit jb = j*BITS: masked in place and or-ed with the exponent of
+    2**(23 - jb) its bits are the float 2**(23 - jb) + q; subtracting 2**(23 - jb) + z leaves q - z (no shift
+    per value, no int-to-float conversion). ``magic`` is a run-time 0x4B000000 so LLVM cannot fold it back."""
+    HALF: tl.constexpr = 16 // BITS
+    JB: tl.constexpr = (J % HALF) * BITS
+    magic_j = magic - (JB << 23)
+    zf = ((z << JB) + magic_j).to(tl.float32, bitcast=True)[:, None]  # [BN, 1]; + not |: one LEA/IMAD
+    if J < HALF:
+        f = ((lo & (((1 << BITS) - 1) << JB)) | magic_j).to(tl.float32, bitcast=True)
+    else:
+        f = ((hi & (((1 << BITS) - 1) << JB)) | magic_j).to(tl.float32, bitcast=True)
+    return (f - zf).to(DT)
+
+
+@triton.jit
+def _values(lo, hi, z, magic, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, BITS: tl.constexpr,
+            DT: tl.constexpr):
+    """Values J0, J0+STEP, ... (CNT of them) of every word joined along new trailing dims, lowest J innermost:
+    with J0=0, STEP=1, CNT=32//BITS the result reshapes to [BN, BKW*PER] in input-channel order k = r*PER + j."""
+    if CNT == 1:
+        return _value(lo, hi, z, magic, J0, BITS, DT)
+    else:
+        return tl.join(_values(lo, hi, z, magic, J0, STEP * 2, CNT // 2, BITS, DT),
+                       _values(lo, hi, z, magic, J0 + STEP, STEP * 2, CNT // 2, BITS, DT))
+
+
+@triton.jit
+def _any_group_rows(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW, stride_xm,
+                    k_start, k_end, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The slow path of ``gptq_dot_kernel``, correct for any g_idx (unsorted act-order called directly): one input
+    channel at a time, each with its own group's scale and zero, as an outer product. [BN, BM] fp32. Only [BN] and
+    [BM] vectors besides the accumulator, so it does not crowd the main loop's registers."""
+    PER: tl.constexpr = 32 // BITS
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_start, k_end):
+        word = tl.load(qw_ptr + (k // PER) * N + offs_n, mask=mask_n, other=0)  # [BN]
+        g = tl.load(g_ptr + k)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
+        w = ((word >> ((k % PER) * BITS)) & ((1 << BITS) - 1)) - z
+        x = tl.load(x_ptr + offs_m * stride_xm + k, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
+        acc += (w.to(tl.float32) * s)[:, None] * x[None, :]
+    return acc
+
+
+@triton.jit
+def gptq_dot_kernel(
+    x_ptr,  # [M, K], row stride stride_xm, fp16 or bf16
+    qw_ptr,  # int32 [K*BITS/32, N]
+    qz_ptr,  # int32 [G, ZW]
+    s_ptr,  # [G, N]
+    g_ptr,  # int32 [K]
+    b_ptr,  # [N] (unused without HAS_BIAS)
+    y_ptr,  # [M, N], x's dtype, row stride stride_ym
+    part_ptr,  # fp32 [K splits, M, N] partial sums (SPLIT only)
+    lock_ptr,  # int32 [>= output tiles], all zero between launches (SPLIT only)
+    M, N, K, ZW, stride_xm, stride_ym,
+    k_per_split,  # K rows per program along grid axis 2, a multiple of BLOCK_K
+    magic,  # 0x4B000000, the bits of the float 2**23 (a run-time value: see _value)
+    half_shift,  # 16
+    BITS: tl.constexpr,  # 2, 4 or 8
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
+    GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K (BLOCK_K divides the group), 0 for one group
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
+    BLOCK_M: tl.constexpr,  # >= 16 (the dot's N side)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 32 // BITS, <= the group (a tile is one group)
+    STAGES: tl.constexpr,  # software-pipelining depth of the K loop
+):
+    """y = x @ dequant(W) (+ bias) for small M, computed transposed: y^T [BN, BM] += W^T [BN, BK] @ x^T [BK, BM],
+    so the dequantized weight tile is the dot's left operand (on the H100 a wgmma operand in registers; the
+    64-row instruction side is the weights, the small side the batch) and x^T the right one (straight from the
+    pipelined shared-memory copy). Per tile: words [BN, BKW] -> PER values each, exactly q - z in x's dtype
+    (``_value``), joined into [BN, BK] in input-channel order, one dot with K = BLOCK_K; the group's scale is
+    applied to the tile's fp32 result (each tile is one group). The check that g_idx is k // group_size is one
+    compare per row per tile, reduced once after the loop; a program where it fails redoes its rows one input
+    channel at a time. Split-K: each split stores fp32 partial sums; the last split of an output tile to arrive
+    (an atomic counter) adds them in split order, adds the bias, writes y and resets the counter."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // PER
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)  # fastest: the row blocks of one column tile run together (weights read once)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # per tile row: how often its g_idx was not k // group_size
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        rows = k0 // PER + tl.arange(0, BKW)  # [BKW] word rows
+        g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
+        w_ptrs = qw_ptr + offs_n[:, None] + rows[None, :] * N  # [BN, BKW]
+        x_ptrs = x_ptr + offs_k[:, None] + offs_m[None, :] * stride_xm  # [BK, BM]
+        if EVEN_K:
+            bad += (tl.load(g_ptr + offs_k) != g).to(tl.int32)
+            x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+            if EVEN_N:
+                words = tl.load(w_ptrs)
+            else:
+                words = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+        else:
+            bad += ((tl.load(g_ptr + offs_k, mask=offs_k < K, other=0) != g) & (offs_k < K)).to(tl.int32)
+            x = tl.load(x_ptrs, mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
+            words = tl.load(w_ptrs, mask=mask_n[:, None] & (rows < K // PER)[None, :], other=0)
+        if EVEN_N:
+            s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)  # [BN]
+            z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, offs_n >= 0, BITS)  # [BN]
+        else:
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
+        w = tl.reshape(_values(words, words >> half_shift, z, magic, 0, 1, PER, BITS, DT), (BLOCK_N, BLOCK_K))
+        acc += tl.dot(w, x) * s[:, None]
+    if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
+        acc = _any_group_rows(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
+                              stride_xm, k_start, k_end, BITS, BLOCK_M, BLOCK_N)
+
+    y_off = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BN, BM]
+    ymask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT:
+        tile = pid_n * tl.num_programs(0) + pid_m
+        tl.store(part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=ymask)
+        tl.debug_barrier()  # every thread's partial sums are stored before the release below
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(2) - 1:  # the last split of this tile: reduce, in split order
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for i in range(0, tl.num_programs(2)):
+                acc += tl.load(part_ptr + i * M * N + offs_m[None, :] * N + offs_n[:, None], mask=ymask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # zero again for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
 @triton.jit
 def gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, ZW, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_N: tl.constexpr):

@@ -62,6 +62,12 @@ VARIANTS = {  # every kernel path, forced, on 4-bit g32 act-order-free weights
     "dot multi-tile grouped order": dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2,
                                          num_warps=4, num_stages=2, SPLIT_K=1),
     "dequant": dict(KERNEL="dequant", BLOCK_K=64, BLOCK_N=32, num_warps=4, num_stages=1),
+    # gptq_dot_kernel (M = 2..64): 3 row blocks of 16 (the last masked), ragged N (80 = 2.5 tiles of 32), split-K
+    # reduced by the last program of each of the 9 output tiles
+    "wdot split-K": dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3),
+    # one split, a 64-row block holding all 40 rows, 64-column tiles (the second one mostly masked)
+    "wdot one split bm64": dict(KERNEL="wdot", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
+                                SPLIT_K=1),
 }
 
 
@@ -77,7 +83,7 @@ def test_every_kernel_variant(name, act_order):
     (torch.float32, 6),  # fp32 through tl.dot: must be exact fp32 (IEEE), not tf32
     (torch.float32, 1),
     (torch.bfloat16, 1),  # bf16 activations and scales, as HF checkpoints have them: gemv ...
-    (torch.bfloat16, 40),  # ... and dequant + matmul. (bf16 tl.dot is wrong in triton 3.9's interpreter -- it
+    (torch.bfloat16, T.DEQUANT_MIN_M),  # ... and dequant + matmul. (bf16 tl.dot is wrong in triton 3.9's interpreter -- it
     # returns ~1e11 for inputs the fp16 dot gets right -- so bf16 dot is checked on the GPU, in
     # benchmarks/bench_gptq_matmul.py, at full size.)
 ])
@@ -196,3 +202,30 @@ def test_gemv_full_tiles_and_split_k_counters(act_order, split):
     assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])  # partial sums added in split order
     if split > 1:
         assert int(T._locks[x.device].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("bits,split", [(4, 1), (4, 3), (8, 3), (2, 3)])
+def test_wdot_full_tiles_and_split_k_counters(bits, split):
+    """gptq_dot_kernel with N and K multiples of the tile (the unmasked EVEN_N/EVEN_K build) for every whole-value
+    bit width (the joined value tree differs: 4, 8 or 16 values a word), BLOCK_M 32 over 20 rows, and split-K's
+    last-program reduction: three calls in a row agree bit for bit, the bias is added once, the counters end at
+    zero. (The per-input-channel fallback for a failed g_idx check runs in the act-order cases above.)"""
+    w = _weights(128, 512, bits, 128, False, seed=3)
+    cfg = dict(KERNEL="wdot", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=split)
+    x, bias = torch.randn(20, 512, dtype=torch.float16), torch.randn(128, dtype=torch.float16)
+    ys = [T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, bits, 128, config=cfg) for _ in range(3)]
+    _check(w, x, bias, cfg)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])  # partial sums added in split order
+    if split > 1:
+        assert int(T._locks[x.device].count_nonzero()) == 0
+
+
+def test_decode_batches_pick_the_fused_dot_kernel():
+    """M = 2..64 (decode batches) with 2/4/8 bits run gptq_dot_kernel, whose BLOCK_M covers the rows in one block
+    up to 64; 3 bits stay on gptq_matmul_kernel; from DEQUANT_MIN_M on, dequantize + matmul."""
+    for m, bm in ((2, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)):
+        for bits in (2, 4, 8):
+            cfg = T.pick_config(m, 11008, 4096, bits, 128)
+            assert cfg["KERNEL"] == "wdot" and cfg["BLOCK_M"] == bm, (m, bits, cfg)
+        assert T.pick_config(m, 11008, 4096, 3, 128)["KERNEL"] == "dot"
+    assert T.pick_config(T.DEQUANT_MIN_M, 11008, 4096, 4, 128)["KERNEL"] == "dequant"
