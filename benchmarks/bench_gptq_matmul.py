@@ -121,19 +121,19 @@ def candidates(m):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         if bm < 64:
             shapes = ((128, 128, 4, 3),  # 4.44 / 170: the default
-                      (128, 128, 4, 4),  # deeper pipeline
+                      (128, 128, 4, 4),  # 4.45 / 171: deeper pipeline
                       (256, 128, 4, 3),  # 3.96 / 251: the fixed per-tile costs over twice the weights
-                      (256, 64, 4, 4),  # 4.47 / 220
-                      (256, 128, 8, 3),  # 4.4 / 173: two warpgroups, fewer programs, fewer splits
-                      (64, 128, 4, 4))  # 6.5 / 103: more column tiles, fewer splits
+                      (256, 64, 4, 4),  # 4.48 / 220
+                      (256, 128, 8, 3),  # 4.42 / 174: two warpgroups, fewer programs, fewer splits
+                      (64, 128, 4, 4))  # 6.16 / 100: more column tiles, fewer splits
         else:
             shapes = ((128, 128, 4, 3),  # 5.11 / 255: the default
-                      (64, 128, 4, 4),  # 6.6 / 229
-                      (256, 128, 8, 3),  # 4.98 / 255
-                      (128, 64, 4, 4))
+                      (64, 128, 4, 4),  # 6.41 / 229
+                      (256, 128, 8, 3),  # 4.89 / 255
+                      (128, 128, 4, 4))  # deeper pipeline
         out += [dict(KERNEL="wdot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0)
                 for bn, bk, nw, ns in shapes]
-        if bm == 64:  # 32-row blocks: two programs per column tile read its weights (the second from L2)
+        if bm == 64:  # 32-row blocks (4.53 / 231): two programs per column tile read its weights (one from L2)
             out += [dict(KERNEL="wdot", BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=0)]
     if m >= 64:
         out += [dict(KERNEL="dequant", BLOCK_K=bk, BLOCK_N=bn, num_warps=4, num_stages=1)
