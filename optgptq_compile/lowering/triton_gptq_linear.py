@@ -187,8 +187,8 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
             n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
-            GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
+            STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -346,7 +346,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"])
+                 BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"], REDUCE_ROWS=16)
     names = list(sig)
     aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
                                                                    ("magic", 0x4B000000),
