@@ -50,8 +50,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256 if wide else 128, BLOCK_K=32 if wide else 64, num_warps=1,
                    num_stages=3 if wide else 4)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
-        cfg = dict(KERNEL="wdot", BLOCK_M=16 if m <= 16 else 32 if m <= 32 else 64, BLOCK_N=128, BLOCK_K=128,
-                   num_warps=4, num_stages=3)
+        # H100 sweep, 11008x4096 (RESULTS.md): M=16 40.3 us with 16x256x64 tiles (49.6 with 16x128x128); M=64
+        # 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us)
+        if m <= 16:
+            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(KERNEL="wdot", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     else:  # 3 bits: gptq_matmul_kernel, one 16-row tensor-core tile per program
         cfg = dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     if bits == 3:  # two gathered word tiles per weight tile: keep them small enough to pipeline in shared memory
@@ -188,7 +192,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
             n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-            STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            X_PAIRS=k % bk == 0 and x2.element_size() == 2, STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -346,7 +350,8 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"], REDUCE_ROWS=16)
+                 BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
+                 STAGES=cfg["num_stages"], REDUCE_ROWS=16)
     names = list(sig)
     aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
                                                                    ("magic", 0x4B000000),

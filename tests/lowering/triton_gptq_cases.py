@@ -222,8 +222,9 @@ def test_wdot_full_tiles_and_split_k_counters(bits, split):
 
 def test_decode_batches_pick_the_fused_dot_kernel():
     """M = 2..64 (decode batches) with 2/4/8 bits run gptq_dot_kernel, whose BLOCK_M covers the rows in one block
-    up to 64; 3 bits stay on gptq_matmul_kernel; from DEQUANT_MIN_M on, dequantize + matmul."""
-    for m, bm in ((2, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)):
+    (16 rows up to 16, 64 rows up to 64); 3 bits stay on gptq_matmul_kernel; from DEQUANT_MIN_M on, dequantize +
+    matmul."""
+    for m, bm in ((2, 16), (16, 16), (17, 64), (32, 64), (33, 64), (64, 64)):
         for bits in (2, 4, 8):
             cfg = T.pick_config(m, 11008, 4096, bits, 128)
             assert cfg["KERNEL"] == "wdot" and cfg["BLOCK_M"] == bm, (m, bits, cfg)
