@@ -110,8 +110,9 @@ def candidates(m):
         # K splits from PER_SM programs per SM, reduced by the last split of each tile
         out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0,
                      PER_SM=per_sm)
-                for bn, bk, nw, ns, per_sm in ((256, 32, 1, 3, 8), (256, 32, 1, 4, 8), (256, 64, 1, 3, 8),
-                                               (128, 64, 1, 4, 8), (128, 64, 1, 4, 16), (128, 128, 1, 3, 8))]
+                for bn, bk, nw, ns, per_sm in ((256, 32, 1, 3, 8), (128, 64, 1, 4, 8), (128, 64, 1, 4, 16),
+                                               # warps splitting a tile's rows (ACC_ROWS): 127-168 registers
+                                               (256, 64, 4, 3, 8), (256, 128, 4, 3, 8), (256, 64, 2, 3, 8))]
     if 1 < m <= 64:
         # gptq_dot_kernel (weights as the dot's 64-row side, one BLOCK_M row block up to 64 rows); SPLIT_K=0: the
         # launcher's split count and twice that (K splits do not recompile). sm90 SASS of each (Triton 3.6, main

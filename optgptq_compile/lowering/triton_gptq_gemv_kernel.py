@@ -54,7 +54,8 @@ def _x_pair(x_ptr, k, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr):
 @triton.jit
 def _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr,
           BITS: tl.constexpr, PER: tl.constexpr):
-    """sum over the tile's rows of x[k] * (q[k, n] - z[n]), [BN] fp32, for one tile that is one group.
+    """x[k] * (q[k, n] - z[n]) summed over the PER values of each word, [BKW, BN] fp32, for one tile that is one
+    group.
     words [BKW, BN] int32, rows [BKW] its word rows, z [BN] int32 zero points; magic, half_shift: see the kernel."""
     HALF: tl.constexpr = PER // 2  # values per 16-bit half-word (2, 4 or 8: even)
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -72,7 +73,7 @@ def _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K: tl.constexpr,
                 zf = ((z << (j * BITS)) + magic_j).to(tl.float32, bitcast=True)[None, :]  # [1, BN] 2**(23-jb) + z
                 f = ((words & (MASK << (j * BITS))) | magic_j).to(tl.float32, bitcast=True)  # 2**(23-jb) + q
                 t += x[:, None] * (f - zf)
-    return tl.sum(t, axis=0)  # [BN]: in-thread adds (each thread owns every row of the tile)
+    return t  # [BKW, BN]
 
 
 @triton.jit
@@ -116,6 +117,7 @@ def gptq_gemv_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
     X_PAIRS: tl.constexpr,  # x is 16-bit and EVEN_K: x loaded as 4-byte pairs (see _x_pair)
+    ACC_ROWS: tl.constexpr,  # num_warps > 1: the warps split a tile's rows (see the K loop)
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining depth of the K loop
@@ -132,6 +134,7 @@ def gptq_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_rows = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)  # ACC_ROWS only
     bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # per tile row: how often its g_idx was not k // group_size
     if not FAST_OK:
         bad += 1
@@ -155,7 +158,13 @@ def gptq_gemv_kernel(
             else:
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
-            acc += _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K, X_PAIRS, BITS, PER) * s
+            t = _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN]
+            if ACC_ROWS:  # warps split the rows: keep per-row sums, reduce across warps once after the loop
+                acc_rows += t * s[None, :]
+            else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
+                acc += tl.sum(t, axis=0) * s
+        if ACC_ROWS:
+            acc = tl.sum(acc_rows, axis=0)
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
         acc = _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end, BITS)
 

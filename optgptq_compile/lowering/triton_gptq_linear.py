@@ -192,7 +192,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
             n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-            X_PAIRS=k % bk == 0 and x2.element_size() == 2, STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg["num_warps"] > 1, STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -351,6 +351,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
+                 ACC_ROWS=cfg["num_warps"] > 1,
                  STAGES=cfg["num_stages"], REDUCE_ROWS=16)
     names = list(sig)
     aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
