@@ -3,15 +3,16 @@
 Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in benchmarks/RESULTS.md):
   * gemv (M == 1, 2/4/8 bits; ``triton_gptq_gemv_kernel.py``): split-K over enough programs to keep HBM busy, the
     last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); dequant with
-    the 2**23 float trick, about 3 instructions per weight.
-  * dot (M = 2..16, and 3 bits at M == 1): 16-row ``tl.dot`` tiles with the weight dequantized in the K loop,
-    split-K as above; 2/4/8 bits run one dot per packed-value position, so the weight tile is never reshaped.
+    an exponent-shifted magic float, about 4 SASS instructions per weight.
+  * wdot (M = 2..64, 2/4/8 bits; ``gptq_dot_kernel``): the weight tile is the dot's 64-row side, dequantized in the
+    K loop the same way, split-K reduced by the last program; 3 bits use ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
-    (cuBLAS / hipBLASLt); faster here than the fused dot kernel at these sizes.
-The kernel (``triton_gptq_linear_kernel.py``) assumes ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile
-is one group (one row of scales/zeros), and checks it while it streams the weights; a program where it is not
-redoes its rows with a loop where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at compile time, by ``prepare_node``
-(rows of ``qweight`` permuted, ``x[..., perm]`` in the graph), so the hot loop of a compiled model never gathers.
+    (cuBLAS / hipBLASLt); faster here than the fused dot kernels at these sizes.
+The kernels assume ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile is one group (one row of
+scales/zeros), and check it while they stream the weights; a program where it is not redoes its rows with a loop
+where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at
+compile time, by ``prepare_node`` (rows of ``qweight`` permuted, ``x[..., perm]`` in the graph), so the hot loop of
+a compiled model never gathers.
 Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp.
 """
 
@@ -190,7 +191,8 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
             n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-            X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg["num_warps"] > 1, STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg["num_warps"] > 1,
+            STAGES=cfg["num_stages"], REDUCE_ROWS=16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
