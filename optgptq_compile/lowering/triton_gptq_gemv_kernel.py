@@ -12,9 +12,10 @@ them (``benchmarks/sass_loop.py`` prints the SASS main loop's instructions per w
 * The exponent bits and the half-word shift arrive as run-time arguments (``magic``, ``half_shift``): with them
   as constants LLVM rewrote the tricks back into what they avoid (sm90 build: the float subtraction folded into an
   int-to-float conversion per weight; the shifted masks became shift + bit-extract pairs).
-* Layout: BLOCK_N is a multiple of 128 * num_warps, so the lanes of a warp spread over columns only and each thread
-  owns every word row of a tile (and 4 or more columns): the sum over K is an in-thread FFMA chain, never a shuffle,
-  and each x value is one load (all lanes of a warp read the same address) reused across the thread's columns.
+* Layout: BLOCK_N = 256 makes the lanes of a warp spread over columns only (8 per thread); with one warp a thread
+  owns every word row of a tile, with several (ACC_ROWS) the warps split the rows and keep per-row sums until after
+  the K loop. Either way the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and each x
+  value is one load (all lanes of a warp read the same address) reused across the thread's columns.
 * No masks on full tiles (EVEN_N, EVEN_K), and the check that ``g_idx`` is ``k // group_size`` is one compare per
   row per tile, reduced once after the loop.
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
