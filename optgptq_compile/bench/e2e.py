@@ -23,8 +23,9 @@ Configs (``--rows``; run in this order, each on a freshly built model so its pea
 
 Metrics per config and batch: decode tok/s, time to first token (the whole batch's prefill, in ms), peak GPU memory
 (``torch.cuda.max_memory_allocated`` over the timed part, after a warm-up: weights + KV + activations + CUDA-graph
-pools; compile-time transients excluded) and KV bytes. Decode tok/s counts only decode steps: for the runtime, the
-steps in which every request decodes (timed per step; each ends with a host sync on the sampled tokens); for HF,
+pools; compile-time transients excluded) and KV bytes. Decode tok/s counts only decode steps, wall clock, host work included: for the runtime,
+tokens after every request has its first token over the time from then to the last token (no sync per step: the
+engine overlaps a step's host work with the previous step's GPU work); for HF,
 ``B * (N - 1) / (t(N new tokens) - t(1 new token))`` of two generate calls. The runtime prefills the whole batch
 in one step (``--max-prefill-tokens``, default batch x prompt), as HF does, so every decode step runs the full
 batch. Prompts are random token ids; EOS is ignored so every request runs its full length.
@@ -165,21 +166,23 @@ def measure_runtime(compiled, batch: int, s: Settings) -> dict:
         warm_decode_steps, warm_graph_steps = engine.stats.decode_steps, engine.stats.graph_steps
         for p in prompts:
             engine.add_request(p, s.new_tokens, stop_ids=())
-        elapsed, first_token_s, decode_s, decode_tokens, started = 0.0, None, 0.0, 0, set()
+        # TTFT: until every request has its first token. Decode: wall clock from there to the end, no sync per
+        # step (the engine overlaps its host work with the GPU; a sync per step would serialise them again).
+        first_token_s, decode_start, decode_tokens, started = None, None, 0, set()
+        sync(s.device)
+        start = time.perf_counter()
         while engine.has_work:
-            before = engine.stats.decode_steps
-            sync(s.device)
-            start = time.perf_counter()
             events = engine.step()
-            sync(s.device)
-            step_s = time.perf_counter() - start
-            elapsed += step_s
-            started.update(e.index for e in events)
-            if first_token_s is None and len(started) == batch:
-                first_token_s = elapsed  # every request of the batch has its first token
-            if engine.stats.decode_steps > before:
-                decode_s += step_s
+            if decode_start is not None:
                 decode_tokens += len(events)
+                continue
+            started.update(e.index for e in events)
+            if len(started) == batch:
+                sync(s.device)
+                decode_start = time.perf_counter()
+                first_token_s = decode_start - start
+        sync(s.device)
+        decode_s = time.perf_counter() - decode_start
     per_token = kv_bytes_per_token(config, engine.cache.k_pools[0].dtype)
     return {
         "decode_tok_s": decode_tokens / decode_s,

@@ -59,8 +59,9 @@ class DecodeGraphs:
         replay, logits = self._record(engine, static)
         self.graphs[size] = (replay, static, logits)
 
-    def run(self, engine, batch) -> torch.Tensor:
-        """Logits [len(batch), V] of one decode step for ``batch`` (every request has one new token)."""
+    def run(self, engine, batch, input_ids=None) -> torch.Tensor:
+        """Logits [len(batch), V] of one decode step for ``batch`` (every request has one new token; ``input_ids``
+        [B] on the device replaces the requests' last known tokens)."""
         size = next(s for s in self.sizes if s >= len(batch))
         if size not in self.graphs:
             try:
@@ -69,11 +70,11 @@ class DecodeGraphs:
                 self.disabled = True
                 log.warning("CUDA-graph capture of the decode step failed, running without graphs: %s", exc)
                 torch.cuda.synchronize()
-                return engine.run_model(engine._batch_tensors(batch))
+                return engine.run_model(engine._decode_tensors(batch, input_ids=input_ids))
         replay, static, logits = self.graphs[size]
-        real = engine._batch_tensors(batch, step_len=engine.max_seq_len)
+        real = engine._decode_tensors(batch, step_len=engine.max_seq_len, input_ids=input_ids)
         b = len(batch)
-        for name, buf in static.items():
+        for name, buf in static.items():  # device-to-device: nothing here waits for the GPU
             buf[:b].copy_(real[name], non_blocking=True)
         static["slot_mapping"][b:].fill_(-1)
         static["context_lens"][b:].zero_()

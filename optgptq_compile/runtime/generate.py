@@ -61,7 +61,7 @@ def _stop_ids(config, stop_token_ids, eos: bool) -> set:
 def build_engine(model, prompts, max_new_tokens, *, num_blocks=None, memory_budget=None, block_size=16,
                  max_batch_size=64, max_prefill_tokens=4096, cuda_graphs=None, graph_sizes=DEFAULT_SIZES,
                  temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None, stop_at_eos=True,
-                 max_seq_len=None):
+                 max_seq_len=None, overlap=None):
     """The engine ``generate`` runs, with every request already checked and queued (exposed for tests and
     benchmarks that want its stats, its cache, or to add requests later: ``max_seq_len`` then sizes the block
     tables for the longest request to come)."""
@@ -90,7 +90,7 @@ def build_engine(model, prompts, max_new_tokens, *, num_blocks=None, memory_budg
     graphs = DecodeGraphs([s for s in graph_sizes if s <= max_batch_size] or [1]) if cuda_graphs else None
     pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
     engine = Engine(model, cache, max_seq_len, max_batch_size=max_batch_size,
-                    max_prefill_tokens=max_prefill_tokens, pad_token_id=pad, graphs=graphs)
+                    max_prefill_tokens=max_prefill_tokens, pad_token_id=pad, graphs=graphs, overlap=overlap)
     stops = _stop_ids(config, stop_token_ids, stop_at_eos)
     checked = [engine.check_request(p, m) for p, m in zip(prompts, max_new)]  # all checked before any is queued
     for i, (p, m, prm) in enumerate(zip(checked, max_new, params)):
@@ -140,6 +140,7 @@ def generate(
     max_batch_size: int = 64,
     max_prefill_tokens: int = 4096,
     cuda_graphs: Optional[bool] = None,
+    overlap: Optional[bool] = None,
     stream: Optional[Callable[[int, int, bool], None]] = None,
     progress: Optional[bool] = None,
 ) -> list[list[int]]:
@@ -151,12 +152,13 @@ def generate(
     of free GPU memory) size the pool; by default it holds every request at once. When it is smaller, requests
     are preempted and recomputed, never dropped. ``stream(index, token, finished)`` is called for every token;
     ``progress`` shows a tqdm bar (default: when there are more than 16 prompts). ``cuda_graphs`` (default: on
-    CUDA) replays decode steps as CUDA graphs. Bad requests raise ``ValueError`` before any work starts.
+    CUDA) replays decode steps as CUDA graphs; ``overlap`` (default: on CUDA) launches each greedy decode step before
+    the previous step's tokens are read back, so host work hides behind the GPU's. Bad requests raise ``ValueError`` before any work starts.
     """
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
                    stop_at_eos=stop_at_eos, num_blocks=num_blocks, memory_budget=memory_budget,
                    block_size=block_size, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, overlap=overlap)
     engine = build_engine(model, prompts, max_new_tokens, **options)
     n = len(engine.waiting)
     if progress is None:

@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .block_allocator import BlockAllocator, BlockTable
+from .overlap import to_device_async
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -105,8 +106,8 @@ class PagedKVCache(Cache):
         """Copy-on-write: duplicate block src into dst in every layer."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        both = to_device_async([s for s, _ in copies] + [d for _, d in copies], self.device)  # no stream wait
+        src, dst = both[:len(copies)], both[len(copies):]
         for pool in (*self.k_pools, *self.v_pools):
             pool[dst] = pool[src]
 

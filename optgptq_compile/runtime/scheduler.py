@@ -5,6 +5,12 @@ running request is preempted: its blocks are freed and it is recomputed later fr
 already produced, so nothing is dropped or corrupted); waiting requests are admitted FIFO while blocks, batch size
 and the prefill token budget allow; prefills and decodes share a step when the padding that costs is small,
 otherwise the prefills go first. The batch is left-padded to its longest new-token run (HF's layout).
+
+With ``overlap`` (default on CUDA), greedy decode steps run one ahead of the host: a step's tokens stay on the device
+as the next step's input ids, and the host reads them back (and learns which requests hit a stop token) while the
+next step runs; ``step()`` then returns the tokens of the step before the one it launched (``overlap.py``). A
+request that stopped has its one extra token dropped. Preemption, admission and sampling happen on steps whose
+tokens are all known.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from typing import Optional
 import torch
 
 from .block_allocator import BlockTable, OutOfBlocks
+from .overlap import InFlightStep, to_device_async
 from .paged_cache import PagedKVCache
 from .sampling import SamplingParams, make_generator, sample
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # requests compare by identity (list membership, removal)
 class Request:
     index: int  # position in the caller's list (or the id add_request returned)
     prompt: list[int]
@@ -38,6 +45,10 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_at(self, i: int) -> int:
+        """``tokens[i]`` without building the list."""
+        return self.prompt[i] if i < len(self.prompt) else self.output[i - len(self.prompt)]
 
 
 @dataclasses.dataclass
@@ -56,6 +67,7 @@ class EngineStats:
     decode_steps: int = 0
     mixed_steps: int = 0
     graph_steps: int = 0
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were read back
     preemptions: int = 0
     tokens_generated: int = 0
     prefix_shared_tokens: int = 0  # prompt tokens whose K/V were reused from another request's blocks
@@ -78,7 +90,7 @@ class Engine:
     """Serves requests on ``model`` with a paged cache of ``num_blocks`` blocks (see module docstring)."""
 
     def __init__(self, model, cache: PagedKVCache, max_seq_len: int, *, max_batch_size: int = 64,
-                 max_prefill_tokens: int = 4096, pad_token_id: int = 0, graphs=None):
+                 max_prefill_tokens: int = 4096, pad_token_id: int = 0, graphs=None, overlap: Optional[bool] = None):
         self.model, self.cache = model, cache
         self.config = model_config(model)
         self.max_context = getattr(self.config, "max_position_embeddings", None)
@@ -92,6 +104,8 @@ class Engine:
         self._pass_positions = "position_ids" in params
         self._pass_logits_to_keep = "logits_to_keep" in params
         self.graphs = graphs  # cuda_graphs.DecodeGraphs or None
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: Optional[InFlightStep] = None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
@@ -138,7 +152,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     # --- scheduling --------------------------------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:
@@ -269,6 +283,27 @@ class Engine:
         t["context_lens"] = t["context_lens"][:, 0].int()  # [B]
         return t
 
+    def _decode_tensors(self, batch: list[Request], step_len: Optional[int] = None,
+                        input_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``_batch_tensors`` for a decode step (one new token per request), built without per-position Python
+        lists and copied without waiting for the GPU; ``input_ids`` [B] on the device replaces the known tokens
+        (an overlapped step's inputs are the step in flight's outputs)."""
+        bs, width, b = self.block_size, self.table_width, len(batch)
+        ctx = [r.table.num_tokens for r in batch]
+        pos = [n - 1 for n in ctx]
+        slots = [r.table.blocks[t // bs] * bs + t % bs for r, t in zip(batch, pos)]
+        tables = [blk for r in batch for blk in r.table.blocks + [0] * (width - len(r.table.blocks))]
+        ids = [r.token_at(t) for r, t in zip(batch, pos)] if input_ids is None else []
+        flat = to_device_async(ids + pos + slots + ctx + tables, self.device)
+        parts = flat.split([len(ids), b, b, b, b * width])
+        t = dict(input_ids=parts[0].view(b, 1) if input_ids is None else input_ids.view(b, 1),
+                 position_ids=parts[1].view(b, 1), slot_mapping=parts[2].view(b, 1),
+                 block_tables=parts[4].view(b, width).int(), context_lens=parts[3].int())
+        length = step_len or max(ctx)
+        keys = torch.arange(length, device=self.device)
+        t["attention_mask"] = (keys >= length - parts[3][:, None]).long()  # [B, L]: left padding, as HF lays out
+        return t
+
     def run_model(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward over planned inputs; logits of the last position of every row, [B, V]."""
         for name in ("input_ids", "position_ids", "slot_mapping", "attention_mask", "context_lens", "block_tables"):
@@ -284,27 +319,77 @@ class Engine:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs).logits[:, -1]
 
-    def step(self) -> list[StepEvent]:
-        """Run one batch; return the token each request in it produced."""
-        batch = self._schedule()
-        if not batch:
-            return []
+    def _forward(self, batch: list[Request], decode_only: bool,
+                 input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, V] of one step over ``batch`` (slots already reserved): a CUDA graph when one fits."""
         self.stats.steps += 1
-        decode_only = all(r.table.num_tokens - r.num_computed == 1 for r in batch)
         if self.graphs is not None and decode_only and self.graphs.fits(len(batch)):
-            logits = self.graphs.run(self, batch)
+            logits = self.graphs.run(self, batch, input_ids)
             self.stats.graph_steps += 1
+        elif decode_only:
+            logits = self.run_model(self._decode_tensors(batch, input_ids=input_ids))
         else:
             logits = self.run_model(self._batch_tensors(batch))
         alloc = self.cache.allocator
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, alloc.num_blocks - alloc.num_free)
         self.stats.peak_tokens_live = max(self.stats.peak_tokens_live, sum(r.table.num_tokens for r in self.running))
+        return logits
+
+    def _next_overlapped(self, prev: InFlightStep) -> Optional[list[int]]:
+        """Rows of ``prev`` whose requests can take the next decode step before ``prev``'s tokens are known, with
+        their slots reserved; None when that step needs the tokens (a request may join, the pool is too full to go
+        on without preempting, or a running request was not in ``prev``)."""
+        if len(self.running) != len(prev.batch):
+            return None
+        rows = [i for i, r in enumerate(prev.batch) if len(r.output) + 1 < r.max_new_tokens]  # others end now
+        batch = [prev.batch[i] for i in rows]
+        if not batch or (self.waiting and len(batch) < self.max_batch_size):
+            return None
+        alloc = self.cache.allocator
+        if sum(alloc.blocks_needed(r.table, 1) for r in batch) > alloc.num_free:
+            return None
+        for req in batch:
+            _, copies = alloc.append(req.table, 1)
+            self.cache.copy_blocks(copies)
+        return rows
+
+    def step(self) -> list[StepEvent]:
+        """Run one batch; return the tokens produced. With ``overlap`` these may be the tokens of the step
+        launched by the previous call (see the module docstring)."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            rows = self._next_overlapped(prev)
+            if rows is not None:
+                batch = [prev.batch[i] for i in rows]
+                same = len(rows) == len(prev.batch)
+                ids = prev.tokens if same else prev.tokens[to_device_async(rows, self.device)]
+                self.stats.decode_steps += 1
+                self.stats.overlapped_steps += 1
+                logits = self._forward(batch, True, ids)
+                self._in_flight = InFlightStep.launch(batch, logits.argmax(-1))
+            return self._accept(prev.batch, prev.ctx, prev.read())
+        batch = self._schedule()
+        if not batch:
+            return []
+        decode_only = all(r.table.num_tokens - r.num_computed == 1 for r in batch)
+        logits = self._forward(batch, decode_only)
         greedy = [r.params.greedy for r in batch]
+        if self.overlap and decode_only and all(greedy):
+            self._in_flight = InFlightStep.launch(batch, logits.argmax(-1))
+            return []
         argmax = logits.argmax(-1).tolist() if any(greedy) else []
-        events = []
-        for i, req in enumerate(batch):
-            req.num_computed = req.table.num_tokens
-            token = argmax[i] if greedy[i] else sample(logits[i], req.params, req.generator)
+        tokens = [argmax[i] if greedy[i] else sample(logits[i], req.params, req.generator)
+                  for i, req in enumerate(batch)]
+        return self._accept(batch, [r.table.num_tokens for r in batch], tokens)
+
+    def _accept(self, batch: list[Request], ctx: list[int], tokens: list[int]) -> list[StepEvent]:
+        """Append each request's new token (``ctx``: its tokens in the pool after the step); end and free the
+        requests that reached a stop token or their length."""
+        alloc, events = self.cache.allocator, []
+        for req, n, token in zip(batch, ctx, tokens):
+            if req.finish_reason is not None:
+                continue  # stopped while this (overlapped) step was in flight: its extra token is dropped
+            req.num_computed = n
             req.output.append(token)
             self.stats.tokens_generated += 1
             if token in req.stop_ids:

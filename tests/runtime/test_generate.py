@@ -40,15 +40,18 @@ def references():
     return refs
 
 
+# overlap: decode steps launched before the previous step's tokens are read back (the CUDA default), forced on here
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("num_blocks", [None, TIGHT])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_eager_matches_hf(name, num_blocks, references):
+def test_eager_matches_hf(name, num_blocks, overlap, references):
     prompts, ref = references[name]
-    out = generate_and_check(MODELS[name](), prompts, num_blocks)
+    out = generate_and_check(MODELS[name](), prompts, num_blocks, overlap=overlap)
     assert out == ref
     stats = last_stats()
     assert (stats["preemptions"] > 0) == (num_blocks == TIGHT)  # the tight pool did take the preemption path
     assert stats["peak_blocks_used"] <= (num_blocks or 10**9)
+    assert (stats["overlapped_steps"] > 0) == overlap
 
 
 def generate_and_check(model, prompts, num_blocks, **kw):
@@ -83,16 +86,42 @@ def test_continuous_batching_mixes_prefill_and_decode():
     assert last_stats()["mixed_steps"] > 0
 
 
-def test_stop_token_ends_early_and_eos_default():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_token_ends_early_and_eos_default(overlap):
     model = tiny_llama()
     prompt = _prompts()[3]
     free_run = optgptq_compile.generate(model, [prompt], 12, stop_at_eos=False)[0]
     stop = free_run[4]
     first = free_run.index(stop)
-    out = optgptq_compile.generate(model, [prompt, prompt], [12, 12], stop_token_ids=[stop], stop_at_eos=False)
+    out = optgptq_compile.generate(model, [prompt, prompt], [12, 12], stop_token_ids=[stop], stop_at_eos=False,
+                                   overlap=overlap)
     assert out == [free_run[: first + 1]] * 2  # the stop token is returned, nothing after it
     model.config.eos_token_id = stop  # the model's EOS stops requests by default
-    assert optgptq_compile.generate(model, [prompt], 12)[0] == free_run[: first + 1]
+    assert optgptq_compile.generate(model, [prompt], 12, overlap=overlap)[0] == free_run[: first + 1]
+
+
+def test_overlapped_steps_drop_the_token_after_a_stop_and_free_every_block():
+    """Requests stopping at different steps while the next step is already in flight: each one's extra token
+    is dropped, the others go on from the device-side tokens (rows gathered when the batch shrinks), and the
+    pool is whole at the end. Checked step by step against the allocator's invariants."""
+    model = tiny_llama()
+    prompts = _prompts()[:4]
+    news = [12, 3, 12, 7]
+    free_runs = _hf_greedy(model, prompts, news)
+    stop = free_runs[0][5]  # request 0 stops at this token's first occurrence (others would at theirs)
+    expect = [r[: r.index(stop) + 1] if stop in r else r for r in free_runs]
+    engine = build_engine(model, prompts, news, block_size=BLOCK, stop_token_ids=[stop], stop_at_eos=False,
+                          overlap=True)
+    with torch.inference_mode():
+        while engine.has_work:
+            engine.step()
+            live = [r.table for r in engine.running]
+            engine.cache.allocator.check(live)
+    assert [engine.finished[i].output for i in range(4)] == expect
+    assert engine.finished[0].finish_reason == "stop" and engine.finished[1].finish_reason == "length"
+    assert engine.stats.overlapped_steps > 0
+    alloc = engine.cache.allocator
+    assert alloc.num_free == alloc.num_blocks
 
 
 def test_sampling_is_per_request_reproducible():
@@ -188,13 +217,14 @@ class ReplayWithoutCuda(DecodeGraphs):
         return (lambda: logits.copy_(engine.run_model(static))), logits
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_decode_graph_runner_pads_batches(compiled, references):
+@pytest.mark.parametrize("compiled,overlap", [(False, False), (False, True), (True, True)])
+def test_decode_graph_runner_pads_batches(compiled, overlap, references):
     prompts, ref = references["llama"]
     model = tiny_llama()
     if compiled:
         model = torch.compile(model, backend="optgptq", options={"bits": None})
-    engine = build_engine(model, prompts, NEW, block_size=BLOCK, num_blocks=TIGHT, cuda_graphs=False)
+    engine = build_engine(model, prompts, NEW, block_size=BLOCK, num_blocks=TIGHT, cuda_graphs=False,
+                          overlap=overlap)
     engine.graphs = ReplayWithoutCuda([1, 2, 4, 8])  # 9 requests: batches of 1..8 pad up to these sizes
     with torch.inference_mode():
         while engine.has_work:
