@@ -12,10 +12,12 @@ them (``benchmarks/sass_loop.py`` prints the SASS main loop's instructions per w
 * The exponent bits and the half-word shift arrive as run-time arguments (``magic``, ``half_shift``): with them
   as constants LLVM rewrote the tricks back into what they avoid (sm90 build: the float subtraction folded into an
   int-to-float conversion per weight; the shifted masks became shift + bit-extract pairs).
-* Layout: BLOCK_N = 256 makes the lanes of a warp spread over columns only (8 per thread); with one warp a thread
-  owns every word row of a tile, with several (ACC_ROWS) the warps split the rows and keep per-row sums until after
-  the K loop. Either way the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and each x
-  value is one load (all lanes of a warp read the same address) reused across the thread's columns.
+* Layout: BLOCK_N = 256 makes the lanes of a warp spread over columns only (8 per thread with one warp). Triton
+  gives the columns to the warps too while they are more than 128 per warp (32 lanes x 4-word vectors; 2 warps at
+  256 columns: 4 per thread, every word row of the tile in-thread); only warps left over split the rows, where
+  ACC_ROWS keeps per-row sums until after the K loop (with every row in-thread it only costs registers: the sweep
+  tries both). Either way the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and each
+  x value is one load (all lanes of a warp read the same address) reused across the thread's columns.
 * No masks on full tiles (EVEN_N, EVEN_K), and the check that ``g_idx`` is ``k // group_size`` is one compare per
   row per tile, reduced once after the loop.
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
@@ -41,8 +43,12 @@ def _x_pair(x_ptr, k, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr):
     if X_PAIRS:
         w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k // 2)  # [BKW] two 16-bit values, little-endian
         dt = x_ptr.dtype.element_ty
-        lo = w.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-        hi = (w >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        if dt == tl.bfloat16:  # a bf16 is the top half of its fp32: one shift or one mask each (was 1 and 2)
+            lo = (w << 16).to(tl.float32, bitcast=True)
+            hi = (w & -65536).to(tl.float32, bitcast=True)
+        else:
+            lo = w.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            hi = (w >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
     elif EVEN_K:
         lo = tl.load(x_ptr + k).to(tl.float32)
         hi = tl.load(x_ptr + k + 1).to(tl.float32)
