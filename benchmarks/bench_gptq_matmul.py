@@ -106,13 +106,28 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        # gemv: one warp per column tile (BLOCK_N = 256 * warps keeps every row of a tile in-thread); the number of
-        # K splits from PER_SM programs per SM, reduced by the last split of each tile
-        out += [dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=0,
-                     PER_SM=per_sm)
-                for bn, bk, nw, ns, per_sm in ((256, 32, 1, 3, 8), (128, 64, 1, 4, 8), (128, 64, 1, 4, 16),
-                                               # warps splitting a tile's rows (ACC_ROWS): 127-168 registers
-                                               (256, 64, 4, 3, 8), (256, 128, 4, 3, 8), (256, 64, 2, 3, 8))]
+        # gemv (see gptq_gemv_kernel). sm90 build with Triton 3.6 at 11008x4096 (benchmarks/sass_loop.py
+        # --candidates): registers / spill bytes / theoretical warps per SM / SASS main-loop instructions per weight.
+        # Triton's layout spreads a 2-warp program's warps over the 256 columns (4 per thread, every row of the tile
+        # in-thread), so ACC_ROWS=False (one [BN] sum) is the same FFMA/FADD count with ~30 fewer registers;
+        # maxnreg caps registers for more resident warps (shared memory allows 20 at 3 stages); REDUCE_ROWS=32 reads
+        # up to 32 splits' partial sums in one L2 round trip (16: two round trips for 17-32 splits).
+        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=8)
+        for extra in (
+            {},  # the shipped default: 128 / 0 / 16 / 4.52
+            dict(ACC_ROWS=False),  # 120 / 0 / 16 / 4.47
+            dict(ACC_ROWS=False, REDUCE_ROWS=32),  # same loop, one reduce round trip at 22 splits (11008x4096)
+            dict(ACC_ROWS=False, maxnreg=104),  # 104 / 124 / 18 / 4.66
+            dict(ACC_ROWS=False, maxnreg=96),  # 96 / 204 / 20 / 4.71
+            dict(ACC_ROWS=False, PER_SM=4),  # half the splits, twice the tiles per program (longer pipeline)
+            dict(ACC_ROWS=False, PER_SM=16),  # 2 waves' worth of programs
+            dict(ACC_ROWS=False, num_stages=2),  # 128 / 0 / 16 / 4.40, half the shared memory
+            dict(ACC_ROWS=False, num_stages=4),  # 118 / 0 / 14 / 4.46
+            dict(num_warps=1, ACC_ROWS=False),  # 162 / 0 / 10 / 4.06: 8 columns a thread, x unpacked half as often
+            dict(BLOCK_K=128, ACC_ROWS=False),  # 108 / 0 / 12 (shared memory) / 4.33
+            dict(BLOCK_N=512, num_warps=4, ACC_ROWS=False),  # 127 / 0 / 16 / 4.64
+        ):
+            out.append({**base, **extra})
     if 1 < m <= 64:
         # gptq_dot_kernel (weights as the dot's 64-row side, one BLOCK_M row block up to 64 rows); SPLIT_K=0: the
         # launcher's split count and twice that (K splits do not recompile). sm90 SASS of each (Triton 3.6, main
