@@ -126,6 +126,11 @@ def candidates(m):
             dict(num_warps=1, ACC_ROWS=False),  # 162 / 0 / 10 / 4.06: 8 columns a thread, x unpacked half as often
             dict(BLOCK_K=128, ACC_ROWS=False),  # 108 / 0 / 12 (shared memory) / 4.33
             dict(BLOCK_N=512, num_warps=4, ACC_ROWS=False),  # 127 / 0 / 16 / 4.64
+            # fewer, longer programs: with 8 per SM each streams ~3 tiles, issued at once and then computed at
+            # once; with 2-4 per SM the loads of later tiles overlap the arithmetic of earlier ones
+            dict(ACC_ROWS=False, PER_SM=4, num_stages=4),
+            dict(ACC_ROWS=False, PER_SM=4, REDUCE_ROWS=32),
+            dict(ACC_ROWS=False, PER_SM=2, num_stages=4),
         ):
             out.append({**base, **extra})
     if 1 < m <= 64:
