@@ -112,14 +112,17 @@ def candidates(m):
         # in-thread), so ACC_ROWS=False (one [BN] sum) is the same FFMA/FADD count with ~30 fewer registers;
         # maxnreg caps registers for more resident warps (shared memory allows 20 at 3 stages); REDUCE_ROWS=32 reads
         # up to 32 splits' partial sums in one L2 round trip (16: two round trips for 17-32 splits).
+        # H100, session 4 (us at up / down / 4096^2 / qkv fused / gate-up fused): the session-3 default (first
+        # entry) 17.6 18.3 10.3 18.3 26.5; PER_SM=4 + ACC_ROWS off 16.8 15.7 10.1 15.4 24.2, now shipped.
         base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=8)
         for extra in (
-            {},  # the shipped default: 128 / 0 / 16 / 4.52
+            {},  # the session-3 default: 128 / 0 / 16 / 4.52
             dict(ACC_ROWS=False),  # 120 / 0 / 16 / 4.47
             dict(ACC_ROWS=False, REDUCE_ROWS=32),  # same loop, one reduce round trip at 22 splits (11008x4096)
             dict(ACC_ROWS=False, maxnreg=104),  # 104 / 124 / 18 / 4.66
             dict(ACC_ROWS=False, maxnreg=96),  # 96 / 204 / 20 / 4.71
-            dict(ACC_ROWS=False, PER_SM=4),  # half the splits, twice the tiles per program (longer pipeline)
+            dict(ACC_ROWS=False, PER_SM=4),  # the shipped default: half the splits, twice the tiles per program
+            dict(ACC_ROWS=False, PER_SM=4, num_stages=2),
             dict(ACC_ROWS=False, PER_SM=16),  # 2 waves' worth of programs
             dict(ACC_ROWS=False, num_stages=2),  # 128 / 0 / 16 / 4.40, half the shared memory
             dict(ACC_ROWS=False, num_stages=4),  # 118 / 0 / 14 / 4.46
@@ -265,6 +268,7 @@ def main():
     if not a.no_table:
         shapes = dict(list(SHAPES.items())[:3]) if a.quick else SHAPES
         table(out, shapes, MS)
+    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_gptq_matmul.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
     print(f"done in {time.time() - t0:.0f} s")

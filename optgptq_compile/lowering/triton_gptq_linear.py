@@ -45,9 +45,11 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
-    if m == 1 and bits != 3:  # a warp's lanes spread over columns only; two warps split the tile's rows
-        # H100 sweep (RESULTS.md, 7B shapes): within 3% of the best config of every shape, 10.4 us at 4096x4096
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3)
+    if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
+        # H100 sweep, session 4 (RESULTS.md, 7B shapes): ~4 programs per SM (K splits, each program streaming
+        # ~6 tiles, so later tiles' loads overlap earlier tiles' arithmetic) and one [BN] sum (ACC_ROWS off: 30
+        # fewer registers) take a 7B layer's four GEMVs from 73.4 to 65.4 us (8 programs per SM, per-row sums)
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, ACC_ROWS=False)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
         # H100 sweep, 11008x4096 (RESULTS.md): M=16 40.3 us with 16x256x64 tiles (49.6 with 16x128x128); M=64
         # 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us)
@@ -61,7 +63,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
     while cfg["BLOCK_K"] > 16 and gs % cfg["BLOCK_K"] and gs < k:  # a tile must not straddle two groups
         cfg["BLOCK_K"] //= 2
-    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=8 if cfg["KERNEL"] == "gemv" else 4)
+    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms)
     return cfg
 
 
@@ -176,7 +178,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     k, n = x2.shape[1], scales.shape[-1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
-                                       per_sm=cfg.get("PER_SM", 8))
+                                       per_sm=cfg.get("PER_SM", 4))
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     tiles = -(-n // bn)
@@ -365,7 +367,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
-                                           132, per_sm=cfg.get("PER_SM", 8))
+                                           132, per_sm=cfg.get("PER_SM", 4))
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32",
                magic="i32", half_shift="i32")
