@@ -152,8 +152,9 @@ def generate(
     of free GPU memory) size the pool; by default it holds every request at once. When it is smaller, requests
     are preempted and recomputed, never dropped. ``stream(index, token, finished)`` is called for every token;
     ``progress`` shows a tqdm bar (default: when there are more than 16 prompts). ``cuda_graphs`` (default: on
-    CUDA) replays decode steps as CUDA graphs; ``overlap`` (default: on CUDA) launches each greedy decode step before
-    the previous step's tokens are read back, so host work hides behind the GPU's. Bad requests raise ``ValueError`` before any work starts.
+    CUDA) replays decode steps as CUDA graphs; ``overlap`` (default: on CUDA) launches each decode step before the
+    previous step's tokens are read back, so host work hides behind the GPU's. Bad requests raise ``ValueError``
+    before any work starts.
     """
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
                    stop_at_eos=stop_at_eos, num_blocks=num_blocks, memory_budget=memory_budget,

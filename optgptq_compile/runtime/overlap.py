@@ -35,7 +35,7 @@ class InFlightStep:
 
     batch: list  # the Requests of the step, in row order
     ctx: list[int]  # each request's tokens in the pool once the step has run (its table length at launch)
-    tokens: torch.Tensor  # [B] int64 on the device: the step's greedy tokens, the next step's input ids
+    tokens: torch.Tensor  # [B] int64 on the device: the step's tokens, the next step's input ids
     host: torch.Tensor  # [B] int64 on the host (pinned on CUDA), filled by an asynchronous copy
     ready: Optional[torch.cuda.Event]
 

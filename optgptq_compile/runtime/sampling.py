@@ -49,11 +49,27 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
     """One token from logits [V] for one request."""
+    return int(sample_on_device(logits, params, generator))
+
+
+def sample_on_device(logits: torch.Tensor, params: SamplingParams,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``sample`` without reading the token back: a 0-d int64 tensor on logits' device (no host sync, so the
+    overlapped decode schedule can feed it to the next step). Same draws as ``sample`` from the same generator."""
     if params.greedy:
-        return int(logits.argmax())
+        return logits.argmax()
     scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """Every row's next token, [B] int64 on logits' device: one argmax for greedy rows, per-row draws otherwise."""
+    tokens = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return tokens
+    return torch.stack([tokens[i] if p.greedy else sample_on_device(logits[i], p, g)
+                        for i, (p, g) in enumerate(zip(params, generators))])
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:

@@ -6,11 +6,11 @@ already produced, so nothing is dropped or corrupted); waiting requests are admi
 and the prefill token budget allow; prefills and decodes share a step when the padding that costs is small,
 otherwise the prefills go first. The batch is left-padded to its longest new-token run (HF's layout).
 
-With ``overlap`` (default on CUDA), greedy decode steps run one ahead of the host: a step's tokens stay on the device
-as the next step's input ids, and the host reads them back (and learns which requests hit a stop token) while the
-next step runs; ``step()`` then returns the tokens of the step before the one it launched (``overlap.py``). A
-request that stopped has its one extra token dropped. Preemption, admission and sampling happen on steps whose
-tokens are all known.
+With ``overlap`` (default on CUDA), decode steps run one ahead of the host: a step's tokens (argmax, or sampled on
+the device with the request's own generator) stay on the device as the next step's input ids, and the host reads
+them back (and learns which requests hit a stop token) while the next step runs; ``step()`` then returns the tokens
+of the step before the one it launched (``overlap.py``). A request that stopped has its one extra token dropped. Preemption and admission happen on steps whose tokens are all
+known.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from .block_allocator import BlockTable, OutOfBlocks
 from .overlap import InFlightStep, to_device_async
 from .paged_cache import PagedKVCache
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, make_generator, next_tokens, sample
 
 
 @dataclasses.dataclass(eq=False)  # requests compare by identity (list membership, removal)
@@ -366,21 +366,25 @@ class Engine:
                 self.stats.decode_steps += 1
                 self.stats.overlapped_steps += 1
                 logits = self._forward(batch, True, ids)
-                self._in_flight = InFlightStep.launch(batch, logits.argmax(-1))
+                self._in_flight = InFlightStep.launch(batch, self._device_tokens(batch, logits))
             return self._accept(prev.batch, prev.ctx, prev.read())
         batch = self._schedule()
         if not batch:
             return []
         decode_only = all(r.table.num_tokens - r.num_computed == 1 for r in batch)
         logits = self._forward(batch, decode_only)
-        greedy = [r.params.greedy for r in batch]
-        if self.overlap and decode_only and all(greedy):
-            self._in_flight = InFlightStep.launch(batch, logits.argmax(-1))
+        if self.overlap and decode_only:
+            self._in_flight = InFlightStep.launch(batch, self._device_tokens(batch, logits))
             return []
+        greedy = [r.params.greedy for r in batch]
         argmax = logits.argmax(-1).tolist() if any(greedy) else []
         tokens = [argmax[i] if greedy[i] else sample(logits[i], req.params, req.generator)
                   for i, req in enumerate(batch)]
         return self._accept(batch, [r.table.num_tokens for r in batch], tokens)
+
+    @staticmethod
+    def _device_tokens(batch: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        return next_tokens(logits, [r.params for r in batch], [r.generator for r in batch])
 
     def _accept(self, batch: list[Request], ctx: list[int], tokens: list[int]) -> list[StepEvent]:
         """Append each request's new token (``ctx``: its tokens in the pool after the step); end and free the

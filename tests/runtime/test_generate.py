@@ -124,16 +124,24 @@ def test_overlapped_steps_drop_the_token_after_a_stop_and_free_every_block():
     assert alloc.num_free == alloc.num_blocks
 
 
-def test_sampling_is_per_request_reproducible():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampling_is_per_request_reproducible(overlap):
     model = tiny_llama()
     prompts = _prompts()[:4]
-    kw = dict(temperature=0.8, top_k=20, top_p=0.9, block_size=BLOCK)
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, block_size=BLOCK, overlap=overlap)
     a = optgptq_compile.generate(model, prompts, 10, seed=[1, 2, 3, 4], **kw)
     # same seed for request 0, but alone and in another batch: same tokens
     b = optgptq_compile.generate(model, [prompts[0]], 10, seed=1, **kw)
     assert b[0] == a[0]
     c = optgptq_compile.generate(model, prompts, 10, seed=[5, 2, 3, 4], **kw)
     assert c[0] != a[0] and c[1:] == a[1:]  # random logits of a random model: seeds 1 and 5 diverge
+    # sampled on the device one step ahead (overlap) or read back every step: the same draws
+    kw["overlap"] = not overlap
+    mixed = dict(temperature=[0.8, 0.0, 0.8, 0.0], seed=[1, None, 3, None])  # greedy and sampled rows in one batch
+    kw.update(mixed)
+    assert optgptq_compile.generate(model, prompts, 10, **kw) == [a[0], _hf_greedy(model, [prompts[1]], [10])[0],
+                                                                    a[2], _hf_greedy(model, [prompts[3]], [10])[0]]
+    assert last_stats()["overlapped_steps"] > 0 or overlap
 
 
 def test_streaming_yields_every_token_in_order():
