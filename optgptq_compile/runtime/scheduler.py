@@ -9,8 +9,8 @@ otherwise the prefills go first. The batch is left-padded to its longest new-tok
 With ``overlap`` (default on CUDA), decode steps run one ahead of the host: a step's tokens (argmax, or sampled on
 the device with the request's own generator) stay on the device as the next step's input ids, and the host reads
 them back (and learns which requests hit a stop token) while the next step runs; ``step()`` then returns the tokens
-of the step before the one it launched (``overlap.py``). A request that stopped has its one extra token dropped. Preemption and admission happen on steps whose tokens are all
-known.
+of the step before the one it launched (``overlap.py``). A request that stopped has its one extra token dropped.
+Preemption and admission happen on steps whose tokens are all known.
 """
 
 from __future__ import annotations
