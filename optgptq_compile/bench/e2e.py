@@ -23,12 +23,12 @@ Configs (``--rows``; run in this order, each on a freshly built model so its pea
 
 Metrics per config and batch: decode tok/s, time to first token (the whole batch's prefill, in ms), peak GPU memory
 (``torch.cuda.max_memory_allocated`` over the timed part, after a warm-up: weights + KV + activations + CUDA-graph
-pools; compile-time transients excluded) and KV bytes. Decode tok/s counts only decode steps, wall clock, host work included: for the runtime,
-tokens after every request has its first token over the time from then to the last token (no sync per step: the
-engine overlaps a step's host work with the previous step's GPU work); for HF,
-``B * (N - 1) / (t(N new tokens) - t(1 new token))`` of two generate calls. The runtime prefills the whole batch
-in one step (``--max-prefill-tokens``, default batch x prompt), as HF does, so every decode step runs the full
-batch. Prompts are random token ids; EOS is ignored so every request runs its full length.
+pools; compile-time transients excluded) and KV bytes. Decode tok/s counts only decode steps, by wall clock with
+the host's work included: for the runtime, the tokens after every request has its first token over the time from
+then to the last token (no sync per step: the engine overlaps a step's host work with the previous step's GPU
+work); for HF, ``B * (N - 1) / (t(N new tokens) - t(1 new token))`` of two generate calls. The runtime prefills
+the whole batch in one step (``--max-prefill-tokens``, default batch x prompt), as HF does, so every decode step
+runs the full batch. Prompts are random token ids; EOS is ignored so every request runs its full length.
 
 ``--budget-s`` bounds the measuring: no measurement starts past it. Batches run in the order given, and a
 config's first two (the default order puts the issue's headline sizes 1 and 32 first) run whenever the total

@@ -46,8 +46,8 @@ def test_overlapped_stop_tokens_on_gpu():
 def test_overlapped_sampling_on_gpu_draws_what_the_synchronous_schedule_draws():
     model = tiny_llama().cuda()
     prompts = _prompts()[:6]
-    kw = dict(temperature=[0.9, 0.0, 0.7, 0.9, 0.0, 1.2], top_k=[0, 0, 20, 0, 0, 5], top_p=[1.0, 1.0, 0.9, 0.8, 1.0, 1.0],
-              seed=[1, None, 2, 3, None, 4], stop_at_eos=False)
+    kw = dict(temperature=[0.9, 0.0, 0.7, 0.9, 0.0, 1.2], top_k=[0, 0, 20, 0, 0, 5],
+              top_p=[1.0, 1.0, 0.9, 0.8, 1.0, 1.0], seed=[1, None, 2, 3, None, 4], stop_at_eos=False)
     sync = optgptq_compile.generate(model, prompts, 16, overlap=False, **kw)
     ahead = optgptq_compile.generate(model, prompts, 16, overlap=True, **kw)
     assert last_stats()["overlapped_steps"] > 0
