@@ -83,8 +83,8 @@ def test_every_kernel_variant(name, act_order):
     (torch.float32, 6),  # fp32 through tl.dot: must be exact fp32 (IEEE), not tf32
     (torch.float32, 1),
     (torch.bfloat16, 1),  # bf16 activations and scales, as HF checkpoints have them: gemv ...
-    (torch.bfloat16, T.DEQUANT_MIN_M),  # ... and dequant + matmul. (bf16 tl.dot is wrong in triton 3.9's interpreter -- it
-    # returns ~1e11 for inputs the fp16 dot gets right -- so bf16 dot is checked on the GPU, in
+    (torch.bfloat16, T.DEQUANT_MIN_M),  # ... and dequant + matmul. (bf16 tl.dot is wrong in triton 3.9's
+    # interpreter -- it returns ~1e11 for inputs the fp16 dot gets right -- so bf16 dot is checked on the GPU, in
     # benchmarks/bench_gptq_matmul.py, at full size.)
 ])
 def test_activation_dtypes(dtype, m):
