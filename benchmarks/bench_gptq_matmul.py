@@ -110,17 +110,16 @@ def candidates(m):
         # --candidates): registers / spill bytes / theoretical warps per SM / SASS main-loop instructions per weight.
         # Triton's layout spreads a 2-warp program's warps over the 256 columns (4 per thread, every row of the tile
         # in-thread), so ACC_ROWS=False (one [BN] sum) is the same FFMA/FADD count with ~30 fewer registers;
-        # maxnreg caps registers for more resident warps (shared memory allows 20 at 3 stages); REDUCE_ROWS=32 reads
-        # up to 32 splits' partial sums in one L2 round trip (16: two round trips for 17-32 splits).
+        # REDUCE_ROWS=32 reads up to 32 splits' partial sums in one L2 round trip (16: two for 17-32 splits).
         # H100, session 4 (us at up / down / 4096^2 / qkv fused / gate-up fused): the session-3 default (first
-        # entry) 17.6 18.3 10.3 18.3 26.5; PER_SM=4 + ACC_ROWS off 16.8 15.7 10.1 15.4 24.2, now shipped.
+        # entry) 17.6 18.3 10.3 18.3 26.5; PER_SM=4 + ACC_ROWS off 16.8 15.7 10.1 15.4 24.2, now shipped. A register
+        # cap (Triton's maxnreg, 104 / 96: more resident warps, 124 / 204 spill bytes) lost everywhere (RESULTS.md),
+        # so the launcher no longer takes one.
         base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=8)
         for extra in (
-            {},  # the session-3 default: 128 / 0 / 16 / 4.52
+            dict(ACC_ROWS=True),  # the session-3 default: 128 / 0 / 16 / 4.52
             dict(ACC_ROWS=False),  # 120 / 0 / 16 / 4.47
             dict(ACC_ROWS=False, REDUCE_ROWS=32),  # same loop, one reduce round trip at 22 splits (11008x4096)
-            dict(ACC_ROWS=False, maxnreg=104),  # 104 / 124 / 18 / 4.66
-            dict(ACC_ROWS=False, maxnreg=96),  # 96 / 204 / 20 / 4.71
             dict(ACC_ROWS=False, PER_SM=4),  # the shipped default: half the splits, twice the tiles per program
             dict(ACC_ROWS=False, PER_SM=4, num_stages=2),
             dict(ACC_ROWS=False, PER_SM=16),  # 2 waves' worth of programs

@@ -124,7 +124,7 @@ def gptq_gemv_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
     X_PAIRS: tl.constexpr,  # x is 16-bit and EVEN_K: x loaded as 4-byte pairs (see _x_pair)
-    ACC_ROWS: tl.constexpr,  # num_warps > 1: the warps split a tile's rows (see the K loop)
+    ACC_ROWS: tl.constexpr,  # per-row sums until after the K loop (pays only where warps split the rows)
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining depth of the K loop
@@ -166,7 +166,7 @@ def gptq_gemv_kernel(
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
             t = _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN]
-            if ACC_ROWS:  # warps split the rows: keep per-row sums, reduce across warps once after the loop
+            if ACC_ROWS:  # keep per-row sums, reduced (across warps, if they split the rows) after the loop
                 acc_rows += t * s[None, :]
             else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
                 acc += tl.sum(t, axis=0) * s

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import pack_rows, unpack_rows
 from .gptq_linear import check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference: ground truth)
-from .triton_utils import check_device, device_index, interpreting, kernels, num_sms, tracing_interpreted
+from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
 
 # ----------------------------------------------------------------------------------------------------------------
 # launcher
@@ -188,36 +188,15 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
-        cap = _maxnreg(cfg, x2)
-        kernel = kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel
-        (kernel if cap else wrap_triton(kernel))[(tiles, split)](
+        wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
             n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-            X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=_gemv_acc_rows(cfg),
+            X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
             STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], **cap)
+            num_stages=cfg["num_stages"])
     return y
-
-
-def _gemv_acc_rows(cfg: dict) -> bool:
-    """Per-row accumulators in the gemv's K loop (kernel docstring), by default with several warps; a config may
-    set ``ACC_ROWS`` (the sweep tries both)."""
-    return cfg.get("ACC_ROWS", cfg["num_warps"] > 1)
-
-
-def _maxnreg(cfg: dict, x: Optional[torch.Tensor] = None) -> dict:
-    """``maxnreg`` (a register cap per thread, for more resident warps) as a launch option of a direct JIT launch
-    on CUDA, the benchmark sweep's way to try it; {} (no cap) on ROCm (no such option), in the interpreter, and while
-    tracing (``wrap_triton`` would take it for a kernel argument)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if not cfg.get("maxnreg") or torch.version.hip is not None or interpreting():
-        return {}
-    if torch.compiler.is_compiling() or (x is not None and is_fake(x)):
-        return {}
-    return dict(maxnreg=cfg["maxnreg"])
 
 
 # device -> int32 counters, zero between launches: the gemv's last-split detection. Every gemv launch on a device
@@ -375,7 +354,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
-                 ACC_ROWS=_gemv_acc_rows(cfg), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
+                 ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
     names = list(sig)
     aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
                                                                    ("magic", 0x4B000000),
@@ -383,8 +362,5 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
     label = f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
-    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg.get("maxnreg"):
-        opts["maxnreg"] = cfg["maxnreg"]
-        label += f" maxnreg{cfg['maxnreg']}"
-    return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const, opts, dict(attrs=attrs))
+    return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const,
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))

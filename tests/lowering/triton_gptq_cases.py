@@ -208,27 +208,15 @@ def test_gemv_full_tiles_and_split_k_counters(act_order, split):
 def test_gemv_sweep_options(acc_rows, reduce_rows):
     """The gemv config keys the benchmark sweep varies: per-column or per-row accumulators (ACC_ROWS), the split-K
     reduction in chunks of REDUCE_ROWS partial rows (7 splits: 2+2+2+1 or 4+3, the last chunk masked; or one
-    chunk), and maxnreg (a CUDA launch option, left out in the interpreter); bf16 x loaded as pairs and widened by
-    a shift and a mask."""
+    chunk); bf16 x loaded as pairs and widened by a shift and a mask."""
     w = _weights(256, 896, 4, 128, False, seed=4, scale_dtype=torch.bfloat16)
     cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=2, num_stages=2, SPLIT_K=7,
-               ACC_ROWS=acc_rows, REDUCE_ROWS=reduce_rows, maxnreg=96)
+               ACC_ROWS=acc_rows, REDUCE_ROWS=reduce_rows)
     x, bias = torch.randn(1, 896, dtype=torch.bfloat16), torch.randn(256, dtype=torch.bfloat16)
     ys = [T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, 4, 128, config=cfg) for _ in range(2)]
     _check(w, x, bias, cfg, tol=1e-2)
     assert torch.equal(ys[0], ys[1])
     assert int(T._locks[x.device].count_nonzero()) == 0
-
-
-def test_gemv_maxnreg_only_where_it_exists(monkeypatch):
-    """maxnreg reaches CUDA JIT launches only: not ROCm, not the interpreter, not wrap_triton under tracing."""
-    cfg = dict(maxnreg=96)
-    assert T._maxnreg(cfg) == {} and T._maxnreg({}) == {}  # this process interprets
-    monkeypatch.setattr(T, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert T._maxnreg(cfg) == {"maxnreg": 96} and T._maxnreg(dict(maxnreg=None)) == {}
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert T._maxnreg(cfg) == {}
 
 
 @pytest.mark.parametrize("bits,split", [(4, 1), (4, 3), (8, 3), (2, 3)])
