@@ -81,6 +81,12 @@ def model_config(model) -> object:
     return getattr(model, "_orig_mod", model).config
 
 
+def _left_padded_mask(ctx: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L] int64 attention mask with each row's ``ctx`` keys last (HF's left padding), made on the device."""
+    keys = torch.arange(length, device=ctx.device)
+    return (keys >= length - ctx[:, None]).long()
+
+
 def _forward_params(model) -> set:
     base = getattr(model, "_orig_mod", model)
     return set(inspect.signature(type(base).forward).parameters)
@@ -261,7 +267,7 @@ class Engine:
         sq = max(len(f) for f in feeds)
         ctx = [r.table.num_tokens for r in batch]
         length = step_len or max(ctx)
-        ids, pos, slots, tables, mask = [], [], [], [], []
+        ids, pos, slots, tables = [], [], [], []
         for req, feed, n in zip(batch, feeds, ctx):
             pad = sq - len(feed)
             first = req.num_computed
@@ -270,16 +276,16 @@ class Engine:
             blocks = req.table.blocks
             slots.append([-1] * pad + [blocks[t // bs] * bs + t % bs for t in range(first, n)])
             tables.append(blocks + [0] * (width - len(blocks)))
-            mask.append([0] * (length - n) + [1] * n)
         # one host-to-device copy for the whole step (a decode step is short: separate copies would show)
         fields = dict(input_ids=ids, position_ids=pos, slot_mapping=slots, block_tables=tables,
-                      context_lens=[[n] for n in ctx], attention_mask=mask)
+                      context_lens=[[n] for n in ctx])
         widths = [len(rows[0]) for rows in fields.values()]
         flat = torch.tensor([v for rows in fields.values() for row in rows for v in row], dtype=torch.long)
         parts = flat.to(self.device).split([len(batch) * w for w in widths])  # field by field, row-major
-        # input_ids / position_ids / slot_mapping [B, Sq], attention_mask [B, L]: contiguous views
+        # input_ids / position_ids / slot_mapping [B, Sq]: contiguous views
         t = {name: part.view(len(batch), w) for name, part, w in zip(fields, parts, widths)}
         t["block_tables"] = t["block_tables"].int()  # [B, width]
+        t["attention_mask"] = _left_padded_mask(t["context_lens"][:, 0], length)
         t["context_lens"] = t["context_lens"][:, 0].int()  # [B]
         return t
 
@@ -299,9 +305,7 @@ class Engine:
         t = dict(input_ids=parts[0].view(b, 1) if input_ids is None else input_ids.view(b, 1),
                  position_ids=parts[1].view(b, 1), slot_mapping=parts[2].view(b, 1),
                  block_tables=parts[4].view(b, width).int(), context_lens=parts[3].int())
-        length = step_len or max(ctx)
-        keys = torch.arange(length, device=self.device)
-        t["attention_mask"] = (keys >= length - parts[3][:, None]).long()  # [B, L]: left padding, as HF lays out
+        t["attention_mask"] = _left_padded_mask(parts[3], step_len or max(ctx))
         return t
 
     def run_model(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
