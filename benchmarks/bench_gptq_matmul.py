@@ -106,33 +106,26 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        # gemv (see gptq_gemv_kernel). sm90 build with Triton 3.6 at 11008x4096 (benchmarks/sass_loop.py
-        # --candidates): registers / spill bytes / theoretical warps per SM / SASS main-loop instructions per weight.
-        # Triton's layout spreads a 2-warp program's warps over the 256 columns (4 per thread, every row of the tile
-        # in-thread), so ACC_ROWS=False (one [BN] sum) is the same FFMA/FADD count with ~30 fewer registers;
-        # REDUCE_ROWS=32 reads up to 32 splits' partial sums in one L2 round trip (16: two for 17-32 splits).
-        # H100, session 4 (us at up / down / 4096^2 / qkv fused / gate-up fused): the session-3 default (first
-        # entry) 17.6 18.3 10.3 18.3 26.5; PER_SM=4 + ACC_ROWS off 16.8 15.7 10.1 15.4 24.2, now shipped. A register
-        # cap (Triton's maxnreg, 104 / 96: more resident warps, 124 / 204 spill bytes) lost everywhere (RESULTS.md),
-        # so the launcher no longer takes one.
-        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=8)
+        # gemv (see gptq_gemv_kernel). sm90 build with Triton 3.6 at 11008x4096 of the session-5 kernel (subnormal
+        # dequant; benchmarks/sass_loop.py --candidates): registers / theoretical warps per SM / SASS main-loop
+        # instructions per weight in the comments. H100, session 5 (same run, us at up / down / 4096^2 / qkv fused
+        # 12288x4096 / gate-up fused 22016x4096): 2 warps 16.3 16.7 9.6 17.1 26.0; 4 warps with per-row sums (now
+        # shipped) 16.1 16.0 9.7 16.7 25.0; 8 warps 21.8 22.7 12.9 22.5 34.5; 1 warp 17.9 26.0 13.4 19.4 30.4;
+        # 2 stages 17.1 25.5 12.7 18.0 25.6. Fewer instructions per weight alone did not move the time (the
+        # session-4 kernel, 4.47 per weight, ran 16.7 16.2 9.5 17.2 26.3 in the same run): RESULTS.md says why.
+        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=0, PER_SM=4,
+                    ACC_ROWS=True)
         for extra in (
-            dict(ACC_ROWS=True),  # the session-3 default: 128 / 0 / 16 / 4.52
-            dict(ACC_ROWS=False),  # 120 / 0 / 16 / 4.47
-            dict(ACC_ROWS=False, REDUCE_ROWS=32),  # same loop, one reduce round trip at 22 splits (11008x4096)
-            dict(ACC_ROWS=False, PER_SM=4),  # the shipped default: half the splits, twice the tiles per program
-            dict(ACC_ROWS=False, PER_SM=4, num_stages=2),
-            dict(ACC_ROWS=False, PER_SM=16),  # 2 waves' worth of programs
-            dict(ACC_ROWS=False, num_stages=2),  # 128 / 0 / 16 / 4.40, half the shared memory
-            dict(ACC_ROWS=False, num_stages=4),  # 118 / 0 / 14 / 4.46
-            dict(num_warps=1, ACC_ROWS=False),  # 162 / 0 / 10 / 4.06: 8 columns a thread, x unpacked half as often
-            dict(BLOCK_K=128, ACC_ROWS=False),  # 108 / 0 / 12 (shared memory) / 4.33
-            dict(BLOCK_N=512, num_warps=4, ACC_ROWS=False),  # 127 / 0 / 16 / 4.64
-            # fewer, longer programs: with 8 per SM each streams ~3 tiles, issued at once and then computed at
-            # once; with 2-4 per SM the loads of later tiles overlap the arithmetic of earlier ones
-            dict(ACC_ROWS=False, PER_SM=4, num_stages=4),
-            dict(ACC_ROWS=False, PER_SM=4, REDUCE_ROWS=32),
-            dict(ACC_ROWS=False, PER_SM=2, num_stages=4),
+            dict(),  # the shipped default: 91 / 20 / 4.61
+            dict(PER_SM=2),  # fewer, longer programs
+            dict(num_stages=4),
+            dict(num_warps=2, ACC_ROWS=False),  # every row in-thread (session 4's layout): 96 / 20 / 3.78
+            dict(num_warps=2, ACC_ROWS=False, num_stages=2),  # 72 / 28 / 3.69
+            dict(num_warps=8),  # 48 / 40 / 5.75: two rows a thread
+            dict(num_warps=1, ACC_ROWS=False, PER_SM=8),  # 134 / 10 / 3.32: 8 columns a thread
+            dict(BLOCK_K=128),  # 156 / 12 / 4.18 (2 warps: 167 / 12 / 3.51)
+            dict(BLOCK_N=512, num_warps=8),  # more columns per program, same per-thread tile
+            dict(REDUCE_ROWS=32),  # one reduce round trip up to 32 splits
         ):
             out.append({**base, **extra})
     if 1 < m <= 64:

@@ -1,17 +1,20 @@
 """``gptq_gemv_kernel``: y[N] = x[K] @ dequant(qweight) (+ bias) for decode (one activation row), 2/4/8 bits, HF
 GPTQ layout (launcher and reference: ``triton_gptq_linear.py``). Nothing but ``@triton.jit`` functions here.
 
-At M == 1 a GEMV on the H100 is bound by the instructions it issues per weight as much as by HBM: 45 M weights of
-an 11008x4096 layer at 3 TB/s leave ~5.8 instructions per weight per lane at full issue rate, so the design counts
-them (``benchmarks/sass_loop.py`` prints the SASS main loop's instructions per weight):
+At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues per weight are counted with
+``benchmarks/sass_loop.py`` (the SASS main loop's instructions per weight):
 
-* Dequant without a shift per value: value j of a 16-bit half-word sits at bit j*BITS; masked in place and or-ed
-  with the exponent of 2**(23 - j*BITS), its bits are the float 2**(23 - j*BITS) + q, exactly, and subtracting
-  2**(23 - j*BITS) + z (built the same way, once per column and group) leaves q - z. Per weight: one LOP3, one
-  FADD, one FFMA; one shift per word for its high half.
-* The exponent bits and the half-word shift arrive as run-time arguments (``magic``, ``half_shift``): with them
-  as constants LLVM rewrote the tricks back into what they avoid (sm90 build: the float subtraction folded into an
-  int-to-float conversion per weight; the shifted masks became shift + bit-extract pairs).
+* Dequant as a subnormal float, no shift and no subtraction per value: value j of a 16-bit half-word sits at bit
+  j*BITS; masked in place, its bits read as an fp32 are the subnormal q * 2**(j*BITS - 149), exactly. x is scaled
+  by 2**(X_EXP - j*BITS) (a power of two: exact) once per x value, so every product x' * f is x * q * 2**-85 in the
+  normal range, and an FFMA chain sums them. The zero point leaves the loop: sum_k x*(q - z) = sum_k x*q - z *
+  sum_k x, with sum_k x summed once per tile from the x values the thread already holds. Per weight: one LOP3 and
+  one FFMA; one shift per word for its high half. (Session 4 or-ed an exponent into each value and subtracted
+  2**e + z per weight: one FADD more; this build has 3.8 instead of 4.5 SASS instructions per weight and 96
+  instead of 120 registers, with fp32 accuracy within 1.5x of the old one, both ~5x better than an fp32 reference
+  that rounds dequantized weights.) Limits: |x| < 2**64 (x' overflows to inf past that).
+* The half-word shift arrives as a run-time argument (``half_shift``): as a constant, LLVM turned the shifted
+  masks into shift + bit-extract pairs.
 * Layout: BLOCK_N = 256 makes the lanes of a warp spread over columns only (8 per thread with one warp). Triton
   gives the columns to the warps too while they are more than 128 per warp (32 lanes x 4-word vectors; 2 warps at
   256 columns: 4 per thread, every word row of the tile in-thread); only warps left over split the rows, where
@@ -58,29 +61,34 @@ def _x_pair(x_ptr, k, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr):
     return lo, hi
 
 
+X_EXP = tl.constexpr(64)  # x is scaled by 2**(X_EXP - j*BITS): see _tile
+UNSCALE = tl.constexpr(2.0 ** (149 - 64))  # what the products x' * f are short of x * q
+
+
 @triton.jit
-def _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr,
-          BITS: tl.constexpr, PER: tl.constexpr):
-    """x[k] * (q[k, n] - z[n]) summed over the PER values of each word, [BKW, BN] fp32, for one tile that is one
-    group.
-    words [BKW, BN] int32, rows [BKW] its word rows, z [BN] int32 zero points; magic, half_shift: see the kernel."""
+def _tile(words, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, BITS: tl.constexpr,
+          PER: tl.constexpr):
+    """One tile (one group) without its zero point and scale: t [BKW, BN] fp32 with sum over rows of t equal to
+    sum_k x[k] * q[k, n] / UNSCALE, and xs [BKW] fp32, the sum of each row's x values (for the zero point).
+    words [BKW, BN] int32, rows [BKW] their word rows."""
     HALF: tl.constexpr = PER // 2  # values per 16-bit half-word (2, 4 or 8: even)
     MASK: tl.constexpr = (1 << BITS) - 1
     t = tl.zeros(words.shape, dtype=tl.float32)  # [BKW, BN]: one FFMA chain per element over the values j
+    xs = tl.zeros((words.shape[0],), dtype=tl.float32)  # [BKW]
     for half in tl.static_range(2):  # the low 16-bit half-word of every word, then the high one
         if half == 1:
             words = words >> half_shift  # in place: the low half is done (the sign bits are masked off below)
         for jj in tl.static_range(HALF // 2):  # values j = 2*jj and 2*jj + 1: one pair of x values
             x_lo, x_hi = _x_pair(x_ptr, rows * PER + half * HALF + 2 * jj, K, EVEN_K, X_PAIRS)  # [BKW] each
+            xs += x_lo + x_hi
             for i in tl.static_range(2):
                 j = 2 * jj + i
-                x = x_lo if i == 0 else x_hi
-                # value j sits at bit j*BITS: under the exponent of 2**(23 - j*BITS) its mantissa bits mean q
-                magic_j = magic - ((j * BITS) << 23)
-                zf = ((z << (j * BITS)) + magic_j).to(tl.float32, bitcast=True)[None, :]  # [1, BN] 2**(23-jb) + z
-                f = ((words & (MASK << (j * BITS))) | magic_j).to(tl.float32, bitcast=True)  # 2**(23-jb) + q
-                t += x[:, None] * (f - zf)
-    return t  # [BKW, BN]
+                scale = tl.full((), (127 + X_EXP - j * BITS) << 23, tl.int32).to(tl.float32, bitcast=True)
+                x = (x_lo if i == 0 else x_hi) * scale  # 2**(X_EXP - j*BITS): exact
+                # value j masked in place is a subnormal float: q * 2**(j*BITS - 149), exactly
+                f = (words & (MASK << (j * BITS))).to(tl.float32, bitcast=True)  # [BKW, BN]
+                t += x[:, None] * f  # x * q * 2**(X_EXP - 149): an exact product
+    return t, xs
 
 
 @triton.jit
@@ -114,8 +122,7 @@ def gptq_gemv_kernel(
     lock_ptr,  # int32 [>= cdiv(N, BLOCK_N)], all zero between launches (SPLIT only)
     N, K, ZW,
     k_per_split,  # K rows per program along grid axis 1, a multiple of BLOCK_K
-    magic,  # 0x4B000000, the bits of the float 2**23 (run-time values: see the module docstring)
-    half_shift,  # 16
+    half_shift,  # 16 (a run-time value: see the module docstring)
     BITS: tl.constexpr,  # 2, 4 or 8 (whole values per word)
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
@@ -165,11 +172,12 @@ def gptq_gemv_kernel(
             else:
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
-            t = _tile(words, x_ptr, rows, k0, K, z, magic, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN]
+            t, xs = _tile(words, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN], [BKW]
+            zf = z.to(tl.float32)
             if ACC_ROWS:  # keep per-row sums, reduced (across warps, if they split the rows) after the loop
-                acc_rows += t * s[None, :]
+                acc_rows += (t * UNSCALE - zf[None, :] * xs[:, None]) * s[None, :]
             else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
-                acc += tl.sum(t, axis=0) * s
+                acc += (tl.sum(t, axis=0) * UNSCALE - zf * tl.sum(xs, axis=0)) * s
         if ACC_ROWS:
             acc = tl.sum(acc_rows, axis=0)
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups

@@ -2,8 +2,8 @@
 
 Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in benchmarks/RESULTS.md):
   * gemv (M == 1, 2/4/8 bits; ``triton_gptq_gemv_kernel.py``): split-K over enough programs to keep HBM busy, the
-    last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); dequant with
-    an exponent-shifted magic float, about 4 SASS instructions per weight.
+    last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); each value
+    dequantized as a subnormal float (one LOP3 + one FFMA per weight, the zero point once per tile).
   * wdot (M = 2..64, 2/4/8 bits; ``gptq_dot_kernel``): the weight tile is the dot's 64-row side, dequantized in the
     K loop the same way, split-K reduced by the last program; 3 bits use ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
@@ -45,11 +45,11 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
-    if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
-        # H100 sweep, session 4 (RESULTS.md, 7B shapes): ~4 programs per SM (K splits, each program streaming
-        # ~6 tiles, so later tiles' loads overlap earlier tiles' arithmetic) and one [BN] sum (ACC_ROWS off: 30
-        # fewer registers) take a 7B layer's four GEMVs from 73.4 to 65.4 us (8 programs per SM, per-row sums)
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, ACC_ROWS=False)
+    if m == 1 and bits != 3:  # lanes spread over columns; 2 of the 4 warps split each tile's rows
+        # H100, session 5 (RESULTS.md, 7B shapes, same run): 4 warps with per-row sums (ACC_ROWS, 91 registers)
+        # beat 2 warps with every row in-thread: a 7B layer's four GEMVs 67.1 vs 69.4 us. ~4 programs per SM (K
+        # splits, each streaming ~5 tiles, so later tiles' loads overlap earlier tiles' arithmetic; session 4).
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3, ACC_ROWS=True)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
         # H100 sweep, 11008x4096 (RESULTS.md): M=16 40.3 us with 16x256x64 tiles (49.6 with 16x128x128); M=64
         # 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us)
@@ -190,7 +190,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
-            n, k, qzeros.shape[1], k_per_split, 0x4B000000, 16,
+            n, k, qzeros.shape[1], k_per_split, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
@@ -349,7 +349,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                                            132, per_sm=cfg.get("PER_SM", 4))
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32",
-               magic="i32", half_shift="i32")
+               half_shift="i32")
     const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
@@ -357,7 +357,6 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                  ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
     names = list(sig)
     aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
-                                                                   ("magic", 0x4B000000),
                                                                    ("half_shift", 16)) if v % 16 == 0]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
