@@ -62,7 +62,7 @@ def _x_pair(x_ptr, k, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr):
 
 
 X_EXP = tl.constexpr(64)  # x is scaled by 2**(X_EXP - j*BITS): see _tile
-UNSCALE = tl.constexpr(2.0 ** (149 - 64))  # what the products x' * f are short of x * q
+UNSCALE = tl.constexpr(2.0 ** (149 - X_EXP.value))  # what the products x' * f are short of x * q
 
 
 @triton.jit
