@@ -108,23 +108,25 @@ def candidates(m):
     if m == 1:
         # gemv (see gptq_gemv_kernel). sm90 build with Triton 3.6 at 11008x4096 of the session-5 kernel (subnormal
         # dequant; benchmarks/sass_loop.py --candidates): registers / theoretical warps per SM / SASS main-loop
-        # instructions per weight in the comments. H100, session 5 (same run, us at up / down / 4096^2 / qkv fused
-        # 12288x4096 / gate-up fused 22016x4096): 2 warps 16.3 16.7 9.6 17.1 26.0; 4 warps with per-row sums (now
-        # shipped) 16.1 16.0 9.7 16.7 25.0; 8 warps 21.8 22.7 12.9 22.5 34.5; 1 warp 17.9 26.0 13.4 19.4 30.4;
-        # 2 stages 17.1 25.5 12.7 18.0 25.6. Fewer instructions per weight alone did not move the time (the
-        # session-4 kernel, 4.47 per weight, ran 16.7 16.2 9.5 17.2 26.3 in the same run): RESULTS.md says why.
-        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=0, PER_SM=4,
-                    ACC_ROWS=True)
+        # instructions per weight in the comments. H100, session 5 (us at up / down / 4096^2 / qkv fused
+        # 12288x4096 / gate-up fused 22016x4096; benchmarks/gemv_probe.py), device run 3: 2 warps (shipped) 16.3
+        # 16.7 9.6 17.1 26.0; 4 warps with per-row sums 16.1 16.0 9.7 16.6 24.8; 8 warps 21.8 22.7 12.9 22.5 34.5.
+        # Run 8: 2 warps 16.3 15.1 10.2 15.3 23.8, 4 warps 16.2 16.2 10.5 16.0 24.3 (a tie over the two runs).
+        # Run 2: 1 warp 17.9 26.0 13.4 19.4 30.4; 2 warps, 2 stages 17.1 25.5 12.7 18.0 25.6; the session-4 kernel
+        # (4.47 instructions per weight) 16.7 16.2 9.5 17.2 26.3 against 16.3 16.8 9.7 17.2 25.8 for this one:
+        # fewer instructions alone did not move the time (RESULTS.md says why).
+        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=4,
+                    ACC_ROWS=False)
         for extra in (
-            dict(),  # the shipped default: 91 / 20 / 4.61
+            dict(),  # the shipped default, every row in-thread: 96 / 20 / 3.78
             dict(PER_SM=2),  # fewer, longer programs
             dict(num_stages=4),
-            dict(num_warps=2, ACC_ROWS=False),  # every row in-thread (session 4's layout): 96 / 20 / 3.78
-            dict(num_warps=2, ACC_ROWS=False, num_stages=2),  # 72 / 28 / 3.69
-            dict(num_warps=8),  # 48 / 40 / 5.75: two rows a thread
-            dict(num_warps=1, ACC_ROWS=False, PER_SM=8),  # 134 / 10 / 3.32: 8 columns a thread
-            dict(BLOCK_K=128),  # 156 / 12 / 4.18 (2 warps: 167 / 12 / 3.51)
-            dict(BLOCK_N=512, num_warps=8),  # more columns per program, same per-thread tile
+            dict(num_stages=2),  # 72 / 28 / 3.69
+            dict(num_warps=4, ACC_ROWS=True),  # 2 warps split the rows: 79 / 24 / 4.55
+            dict(num_warps=8, ACC_ROWS=True),  # two rows a thread
+            dict(num_warps=1, PER_SM=8),  # 134 / 10 / 3.32: 8 columns a thread
+            dict(BLOCK_K=128),  # 167 / 12 / 3.51
+            dict(BLOCK_N=512, num_warps=4),  # more columns per program, same per-thread tile
             dict(REDUCE_ROWS=32),  # one reduce round trip up to 32 splits
         ):
             out.append({**base, **extra})

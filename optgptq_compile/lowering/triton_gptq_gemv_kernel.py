@@ -175,7 +175,8 @@ def gptq_gemv_kernel(
             t, xs = _tile(words, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN], [BKW]
             zf = z.to(tl.float32)
             if ACC_ROWS:  # keep per-row sums, reduced (across warps, if they split the rows) after the loop
-                acc_rows += (t * UNSCALE - zf[None, :] * xs[:, None]) * s[None, :]
+                acc_rows += t * (s * UNSCALE)[None, :]  # two FFMAs per element: the row's share of
+                acc_rows -= xs[:, None] * (zf * s)[None, :]  # sum x*q*s and of z*s*sum x
             else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
                 acc += (tl.sum(t, axis=0) * UNSCALE - zf * tl.sum(xs, axis=0)) * s
         if ACC_ROWS:

@@ -45,11 +45,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
-    if m == 1 and bits != 3:  # lanes spread over columns; 2 of the 4 warps split each tile's rows
-        # H100, session 5 (RESULTS.md, 7B shapes, same run): 4 warps with per-row sums (ACC_ROWS, 91 registers)
-        # beat 2 warps with every row in-thread: a 7B layer's four GEMVs 67.1 vs 69.4 us. ~4 programs per SM (K
-        # splits, each streaming ~5 tiles, so later tiles' loads overlap earlier tiles' arithmetic; session 4).
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3, ACC_ROWS=True)
+    if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
+        # H100, session 5 (RESULTS.md, 7B shapes): against 4 warps with per-row sums a 7B layer's four GEMVs are
+        # 69.4 vs 67.1 us in one run and 64.4 vs 67.0 in another: a tie; 2 warps keep the lower memory-only floor.
+        # ~4 programs per SM (K splits, each streaming ~5 tiles, so later tiles' loads overlap earlier tiles'
+        # arithmetic; session 4).
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, ACC_ROWS=False)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
         # H100 sweep, 11008x4096 (RESULTS.md): M=16 40.3 us with 16x256x64 tiles (49.6 with 16x128x128); M=64
         # 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us)
