@@ -135,7 +135,20 @@ def candidates(m):
         # launcher's split count and twice that (K splits do not recompile). sm90 SASS of each (Triton 3.6, main
         # loop instructions per weight per lane / registers, no spills) in the comments.
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        if bm < 64:
+        if bm == 16:
+            # half-word dequant (MAGIC16, session 6; words with MAGIC16=0). H100 session 6
+            # (benchmarks/data/wdot_probe_session6_*.json), M=16 us at up / down / 4096^2 / qkv / gate-up: 128x64 s3
+            # 28.7 / 30.3 / 16.9 / 35.2 / 53.9; 256x64 s3 33.1 / 34.6 / 24.5 / 30.9 / 46.7; 64x64 37.0 / 35.0 /
+            # 15.7 / 39.0 / 66.8; 128x128 s3 31.2 / 33.1 / 18.8 (run 2); words 16x256x64 s4 40.2 / 42.2 / 29.6.
+            shapes = ((128, 64, 4, 3),  # 6.75 / 114: the default below N = 12288
+                      (128, 64, 4, 4),  # 6.77 / 114: deeper pipeline
+                      (256, 64, 4, 3),  # 5.77 / 185: the default from N = 12288 (fused projections)
+                      (64, 64, 4, 3),  # 9.41 / 71: more column tiles, fewer splits
+                      (256, 64, 8, 3),  # 6.72 / 118: two warpgroups
+                      (128, 128, 4, 3))  # 5.27 / 132: 32 half-words a column
+            out += [dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4, SPLIT_K=0,
+                         MAGIC16=0)]  # words through shared memory (the session-5 default): 4.48 / 220
+        elif bm < 64:
             shapes = ((128, 128, 4, 3),  # 4.44 / 170: the default
                       (128, 128, 4, 4),  # 4.45 / 171: deeper pipeline
                       (256, 128, 4, 3),  # 3.96 / 251: the fixed per-tile costs over twice the weights

@@ -5,7 +5,9 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); each value
     dequantized as a subnormal float (one LOP3 + one FFMA per weight, the zero point once per tile).
   * wdot (M = 2..64, 2/4/8 bits; ``gptq_dot_kernel``): the weight tile is the dot's 64-row side, dequantized in the
-    K loop the same way, split-K reduced by the last program; 3 bits use ``gptq_matmul_kernel`` (16-row dots).
+    K loop as 16-bit half-words straight into the tensor-core operand registers (bf16 2/4 bits, fp16 2/4/8 bits;
+    ``half_word_magic``) or else as words through shared memory, split-K reduced by the last program; 3 bits use
+    ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
     (cuBLAS / hipBLASLt); faster here than the fused dot kernels at these sizes.
 The kernels assume ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile is one group (one row of
@@ -52,9 +54,15 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         # arithmetic; session 4).
         cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, ACC_ROWS=False)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
-        # H100 sweep, 11008x4096 (RESULTS.md): M=16 40.3 us with 16x256x64 tiles (49.6 with 16x128x128); M=64
-        # 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us)
-        if m <= 16:
+        # H100 sweeps, 11008x4096 (RESULTS.md): M=16 with words 40.3 us with 16x256x64 tiles (49.6 with
+        # 16x128x128); M=2..16 with half-words ~28 us with 16x128x64, 3 stages (31 with 16x128x128; session 6);
+        # M=64 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us; half-words 65 us)
+        if m <= 16 and bits in (2, 4):  # half-word dequant (MAGIC16), 16 half-words a column: session 6 probe
+            # (M=4/16: 128 columns 28-30 us at up/down, 256 columns 31-35; fused q/k/v and gate/up, N >= 12288,
+            # the other way round: 31/47 us with 256 columns, 35/54 with 128)
+            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256 if n >= 12288 else 128, BLOCK_K=64 * (4 // bits),
+                       num_warps=4, num_stages=3)
+        elif m <= 16:
             cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)
         else:
             cfg = dict(KERNEL="wdot", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
@@ -146,6 +154,21 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     return y.reshape(*x.shape[:-1], n)
 
 
+def half_word_magic(dtype: torch.dtype, bits: int, bk: int) -> int:
+    """gptq_dot_kernel's MAGIC16: the 16-bit pattern whose value has a unit last mantissa bit (bf16 128.0, fp16
+    1024.0), so or-ing a value q into its low bits gives magic + q exactly; 0 where the tile cannot be dequantized by
+    half-words (q wider than the mantissa, or fewer than 16 half-words per column, the smallest dot). The launcher
+    uses it for 16-row blocks only: with 64-row blocks (M = 17..64) half-words ran 1.4x slower than words on the
+    H100 (65 vs 45 us at 11008x4096, session 6)."""
+    if 2 * (bk * bits // 32) < 16:
+        return 0
+    if dtype == torch.bfloat16 and bits in (2, 4):  # 7 mantissa bits
+        return 0x4300
+    if dtype == torch.float16 and bits in (2, 4, 8):  # 10 mantissa bits
+        return 0x6400
+    return 0
+
+
 def _wdot_ok(x, bits, gs, k, bk) -> bool:
     """gptq_dot_kernel's domain: whole values per word, fp16/bf16 activations, every tile within one group."""
     return bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16) and gs > 0 and (gs % bk == 0 or gs >= k)
@@ -170,6 +193,7 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
             m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, 0x4B000000, 16,
             BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // bk,
             EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
+            MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
@@ -327,7 +351,9 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
                stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
     const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
-                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"])
+                 BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"],
+                 MAGIC16=half_word_magic(dict(bf16=torch.bfloat16, fp16=torch.float16).get(dtype), bits,
+                                         cfg["BLOCK_K"]) if cfg["BLOCK_M"] == 16 else 0)
     names = list(sig)
     k_per_split = -(-k // (split * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
     aligned = names[:9] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32), ("stride_xm", k),
@@ -336,7 +362,7 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
     label = (f"dot wdot m{m} {bits}bit g{group} bm{cfg['BLOCK_M']} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} "
-             f"w{cfg['num_warps']} s{cfg['num_stages']}")
+             f"w{cfg['num_warps']} s{cfg['num_stages']}{' half-words' if const['MAGIC16'] else ''}")
     return (label, kernels("triton_gptq_linear_kernel").gptq_dot_kernel, sig, const,
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))
 

@@ -235,6 +235,37 @@ def test_wdot_full_tiles_and_split_k_counters(bits, split):
         assert int(T._locks[x.device].count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("bits,group_size,bk,split", [
+    (4, 128, 128, 1),  # the launcher's M <= 16 tile: 32 half-words a column, 4 value positions
+    (4, 64, 64, 3),  # 16 half-words (the smallest dot), a split-K reduction
+    (2, 128, 128, 3),  # 8 value positions a half-word (three levels of splits of x)
+    (8, 128, 32, 1),  # fp16 only (8 bits do not fit bf16's mantissa): 2 value positions
+])
+def test_wdot_half_words(bits, group_size, bk, split):
+    """gptq_dot_kernel's half-word dequant (MAGIC16) against the word path and the reference: K = 448 ends in a
+    partial tile, N = 80 in a partial column tile, 7 rows of a 16-row block. (fp16 here: the interpreter's bf16
+    dot is wrong; the bf16 magic is checked on the GPU by tests/lowering/test_gptq_linear_op.py and the benchmark.)"""
+    w = _weights(80, 448, bits, group_size, False, seed=5)
+    x, bias = torch.randn(7, 448, dtype=torch.float16), torch.randn(80, dtype=torch.float16)
+    base = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=2, SPLIT_K=split)
+    assert T.half_word_magic(torch.float16, bits, bk) == 0x6400
+    _check(w, x, bias, base)  # the launcher picks half-words here ...
+    _check(w, x, bias, dict(base, MAGIC16=0))  # ... and words when told to
+    halves = T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, bits, group_size, config=base)
+    words = T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, bits, group_size,
+                          config=dict(base, MAGIC16=0))
+    torch.testing.assert_close(halves, words, rtol=2e-3, atol=2e-3)
+
+
+def test_half_word_magic_domain():
+    """Half-words where q fits the 16-bit float's mantissa next to the magic and a tile has >= 16 half-words."""
+    assert T.half_word_magic(torch.bfloat16, 4, 128) == 0x4300 and T.half_word_magic(torch.bfloat16, 2, 128) == 0x4300
+    assert T.half_word_magic(torch.bfloat16, 8, 128) == 0  # 8 bits > bf16's 7 mantissa bits: words
+    assert T.half_word_magic(torch.float16, 8, 32) == 0x6400
+    assert T.half_word_magic(torch.float16, 4, 32) == 0  # 8 half-words a column: below the smallest dot
+    assert T.half_word_magic(torch.float32, 4, 128) == 0
+
+
 def test_decode_batches_pick_the_fused_dot_kernel():
     """M = 2..64 (decode batches) with 2/4/8 bits run gptq_dot_kernel, whose BLOCK_M covers the rows in one block
     (16 rows up to 16, 64 rows up to 64); 3 bits stay on gptq_matmul_kernel; from DEQUANT_MIN_M on, dequantize +
