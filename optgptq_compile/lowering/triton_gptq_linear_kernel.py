@@ -317,7 +317,7 @@ def gptq_dot_kernel(
     PER // 2 dots, one per value position j: half-word c holds input channels 4c + j (4 bits), so x's tile is
     permuted to match (a reshape and splits of a [BM, BK] tile, no gathers). Each operand is MAGIC16 + q; the
     offset and the zero point come off once per tile from the sum of x: s * (t - (offset + z) * sum_k x).
-    On the H100 this is 1.2-1.6x faster than the word path with 16-row blocks (benchmarks/RESULTS.md, session 6)
+    On the H100 this is 1.2-1.7x faster than the word path with 16-row blocks (benchmarks/RESULTS.md, session 6)
     and slower with 64-row blocks, where the launcher keeps words."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
