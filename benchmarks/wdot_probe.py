@@ -21,22 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gptq_matmul import copies_for, random_gptq, rel_err, tinygemm_weight  # noqa: E402
+from bench_gptq_matmul import copies_for, random_gptq, tinygemm_weight  # noqa: E402
+from gemv_probe import SHAPES, run  # noqa: E402  (run's "base" variant is the in-tree kernels, any config)
 from timing import time_graph  # noqa: E402
 
 from optgptq_compile.lowering import triton_gptq_linear as T  # noqa: E402
-from optgptq_compile.lowering.gptq_linear import torch_gptq_linear  # noqa: E402
-
-SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096), (22016, 4096)]  # up, down, o, qkv, gate-up
-
-
-def run(cfg: dict, ws, xs) -> tuple[float, float]:
-    fns = [lambda w=w, x=x: T.gptq_matmul(x, w["qweight"], w["qzeros"], w["scales"], w["g_idx"], None, 4, 128,
-                                          config=cfg) for w, x in zip(ws, xs)]
-    y = fns[0]()
-    ref = torch_gptq_linear(xs[0].float(), ws[0]["qweight"], ws[0]["qzeros"], ws[0]["scales"], ws[0]["g_idx"], None,
-                            4)
-    return rel_err(y, ref), time_graph(fns)
 
 
 def main():
@@ -65,7 +54,7 @@ def main():
                 if ms and m not in ms:
                     continue
                 cfg = {**T.pick_config(m, n, k, 4, 128), "SPLIT_K": 0, **overrides}
-                err, us = run(cfg, ws, xs)
+                err, us = run("base", cfg, ws, xs)
                 results.append(dict(**row, label=label, cfg=overrides, us=us, rel_err=err))
                 print(f"  {label:24s} {json.dumps(overrides):60s} {us:6.1f} us  x{bf16 / us:.2f} bf16  "
                       f"x{tiny / us:.2f} tinygemm  err {err:.1e}", flush=True)
