@@ -106,27 +106,25 @@ def candidates(m):
     """Configs the sweep times for one M (the shipped heuristic, pick_config, was set from these results)."""
     out = []
     if m == 1:
-        # gemv (see gptq_gemv_kernel). sm90 build with Triton 3.6 at 11008x4096 of the session-5 kernel (subnormal
-        # dequant; benchmarks/sass_loop.py --candidates): registers / theoretical warps per SM / SASS main-loop
-        # instructions per weight in the comments. H100, session 5 (us at up / down / 4096^2 / qkv fused
-        # 12288x4096 / gate-up fused 22016x4096; benchmarks/gemv_probe.py), device run 3: 2 warps (shipped) 16.3
-        # 16.7 9.6 17.1 26.0; 4 warps with per-row sums 16.1 16.0 9.7 16.6 24.8; 8 warps 21.8 22.7 12.9 22.5 34.5.
-        # Run 8: 2 warps 16.3 15.1 10.2 15.3 23.8, 4 warps 16.2 16.2 10.5 16.0 24.3 (a tie over the two runs).
-        # Run 2: 1 warp 17.9 26.0 13.4 19.4 30.4; 2 warps, 2 stages 17.1 25.5 12.7 18.0 25.6; the session-4 kernel
-        # (4.47 instructions per weight) 16.7 16.2 9.5 17.2 26.3 against 16.3 16.8 9.7 17.2 25.8 for this one:
-        # fewer instructions alone did not move the time (RESULTS.md says why).
-        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, SPLIT_K=0, PER_SM=4,
+        # gemv (see gptq_gemv_kernel). Session 5's pipelined loop (cp.async, 2 warps, 256 columns) and its sweep
+        # (1/2/4/8 warps, 2-4 stages, 2-16 programs per SM) are in RESULTS.md; `benchmarks/sass_loop.py
+        # --candidates` gives each config's registers, warps per SM and SASS instructions per weight.
+        # Session 7 (benchmarks/gemv_probe.py, one run): the register-prefetch loop, us at up / down / 4096^2 / qkv /
+        # gate-up: 1 warp, 128 columns, 8 per SM (shipped) 13.7 13.8 8.9 14.0 22.6; 2 warps, 256 columns, 4 per SM
+        # 14.3 15.0 9.0 15.1 22.7; 6 per SM 14.3 14.5 9.0 14.7 22.2; 8 per SM 14.2 15.0 9.0 15.0 25.0; 4 warps, 512
+        # columns 14.2 15.0 9.0 14.9 24.9; with cp.async on top (2 stages) 14.4 15.4 9.1 15.5 23.0; the session-5
+        # pipelined loop (2 warps, 3 stages) 16.3 15.0 10.1 15.1 24.0.
+        base = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=1, num_stages=1, SPLIT_K=0, PER_SM=8,
                     ACC_ROWS=False)
         for extra in (
-            dict(),  # the shipped default, every row in-thread: 96 / 20 / 3.78
-            dict(PER_SM=2),  # fewer, longer programs
-            dict(num_stages=4),
-            dict(num_stages=2),  # 72 / 28 / 3.69
-            dict(num_warps=4, ACC_ROWS=True),  # 2 warps split the rows: 79 / 24 / 4.55
-            dict(num_warps=8, ACC_ROWS=True),  # two rows a thread
-            dict(num_warps=1, PER_SM=8),  # 134 / 10 / 3.32: 8 columns a thread
-            dict(BLOCK_K=128),  # 167 / 12 / 3.51
-            dict(BLOCK_N=512, num_warps=4),  # more columns per program, same per-thread tile
+            dict(),  # the shipped default, every row in-thread
+            dict(PER_SM=6),
+            dict(PER_SM=12),
+            dict(num_stages=2),  # cp.async pipelining on top of the register prefetch
+            dict(BLOCK_N=256, num_warps=2, PER_SM=4),  # 2-warp programs, 4 columns a thread
+            dict(BLOCK_N=256, num_warps=2, PER_SM=6),
+            dict(BLOCK_N=512, num_warps=4, PER_SM=4),
+            dict(num_warps=2, ACC_ROWS=True),  # 2 warps split the rows of 128 columns
             dict(REDUCE_ROWS=32),  # one reduce round trip up to 32 splits
         ):
             out.append({**base, **extra})

@@ -9,6 +9,8 @@ Variants (never shipped; each edit asserts the line it replaces, so a kernel cha
   memw        weights, scales and zeros streamed as the kernel does, no x loads and no dequant arithmetic: the
               memory floor of this loop structure
   memw_nored  memw without the split-K reduce (partials stored; no atomic counter, no last-program reduction)
+  file:PATH   a whole kernel module (a candidate kernel: same ``gptq_gemv_kernel`` signature, extra constexprs with
+              defaults)
 A plan entry's config is merged into the launcher's M=1 config (``pick_config``), e.g. ``{"num_warps": 4}``.
 Timing and copies as in bench_gptq_matmul.py (CUDA-graph replay over enough weight copies to miss the L2).
 """
@@ -46,6 +48,8 @@ def _replace(src: str, old: str, new: str) -> str:
 
 
 def variant_source(name: str) -> str:
+    if name.startswith("file:"):
+        return open(name[5:]).read()
     src = open(SRC).read()
     if name == "base":
         return src
@@ -65,10 +69,11 @@ _loaded: dict = {}
 
 def load(name: str):
     if name not in _loaded:
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gemv_probe_{name}.py")
+        tag = os.path.splitext(os.path.basename(name))[0] if name.startswith("file:") else name
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gemv_probe_{tag}.py")
         with open(path, "w") as f:
             f.write(variant_source(name))
-        spec = importlib.util.spec_from_file_location(f"gemv_probe_{name}", path)
+        spec = importlib.util.spec_from_file_location(f"gemv_probe_{tag}", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod  # @triton.jit reads the source back through the module
         spec.loader.exec_module(mod)

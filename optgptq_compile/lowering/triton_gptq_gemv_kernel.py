@@ -21,7 +21,13 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
   ACC_ROWS keeps per-row sums until after the K loop (with every row in-thread it only costs registers: the sweep
   tries both). Either way the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and each
   x value is one load (all lanes of a warp read the same address) reused across the thread's columns.
-* No masks on full tiles (EVEN_N, EVEN_K), and the check that ``g_idx`` is ``k // group_size`` is one compare per
+* Register prefetch, not shared memory: the K loop loads tile i+1 (weights, scales, zeros, g_idx and x) into
+  registers before it computes tile i, and the launcher compiles it with ``num_stages=1``, so there is no
+  ``cp.async``, shared-memory round trip or barrier per tile. x comes in with the weights as 16-byte rows of int32
+  pairs and is taken apart in registers (``_column``): 8 vector loads per tile instead of 32 scalar ones.
+  Session 7 (H100, RESULTS.md): a 7B layer's four GEMVs 64.1 -> 59.4 us with 1-warp programs, against the
+  cp.async pipeline of session 5.
+* No masks on full columns (EVEN_N), and the check that ``g_idx`` is ``k // group_size`` is one compare per
   row per tile, reduced once after the loop.
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
   (an atomic counter) adds them in split order, adds the bias, writes y in x's dtype and resets the counter. No
@@ -39,25 +45,39 @@ def _word_bits(ptr, bit, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _x_pair(x_ptr, k, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr):
-    """fp32 x[k] and x[k + 1], k [BKW] even. With X_PAIRS (16-bit x, K even) one 4-byte load for both: the software
-    pipeliner turns it into an asynchronous copy issued STAGES tiles ahead, where a 2-byte load stays synchronous
-    and waits on L2 every tile (Nsight Compute: L1 hit rate 27%, half the issue slots idle)."""
+def _column(xw, C: tl.constexpr, W: tl.constexpr):
+    """Column C of xw [R, W] (W a power of two), by splits of in-thread register pairs: no data moves."""
+    if W == 2:
+        a, b = tl.split(xw)
+        r = a if C == 0 else b
+    else:
+        a, b = tl.split(xw.reshape(xw.shape[0], W // 2, 2))  # even and odd columns
+        r = _column(a if C % 2 == 0 else b, C // 2, W // 2)
+    return r
+
+
+@triton.jit
+def _x_pair(x_ptr, xw, rows, p, K, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, PAIRS: tl.constexpr):
+    """fp32 x values 2p and 2p + 1 of each word row [BKW]. With X_PAIRS (16-bit x, K a multiple of BLOCK_K) they
+    come from xw, the tile's x as int32 pairs [BKW, PAIRS] loaded with the weights (one 16-byte load per row and
+    thread, prefetched a tile ahead); otherwise two loads each."""
     if X_PAIRS:
-        w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k // 2)  # [BKW] two 16-bit values, little-endian
+        w = _column(xw, p, PAIRS)  # [BKW] two 16-bit values, little-endian
         dt = x_ptr.dtype.element_ty
-        if dt == tl.bfloat16:  # a bf16 is the top half of its fp32: one shift or one mask each (was 1 and 2)
+        if dt == tl.bfloat16:  # a bf16 is the top half of its fp32: one shift or one mask each
             lo = (w << 16).to(tl.float32, bitcast=True)
             hi = (w & -65536).to(tl.float32, bitcast=True)
         else:
             lo = w.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
             hi = (w >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-    elif EVEN_K:
-        lo = tl.load(x_ptr + k).to(tl.float32)
-        hi = tl.load(x_ptr + k + 1).to(tl.float32)
     else:
-        lo = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + k + 1, mask=k + 1 < K, other=0.0).to(tl.float32)
+        k = rows * (2 * PAIRS) + 2 * p  # [BKW]
+        if EVEN_K:
+            lo = tl.load(x_ptr + k).to(tl.float32)
+            hi = tl.load(x_ptr + k + 1).to(tl.float32)
+        else:
+            lo = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            hi = tl.load(x_ptr + k + 1, mask=k + 1 < K, other=0.0).to(tl.float32)
     return lo, hi
 
 
@@ -66,11 +86,11 @@ UNSCALE = tl.constexpr(2.0 ** (149 - X_EXP.value))  # what the products x' * f a
 
 
 @triton.jit
-def _tile(words, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, BITS: tl.constexpr,
+def _tile(words, xw, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, BITS: tl.constexpr,
           PER: tl.constexpr):
     """One tile (one group) without its zero point and scale: t [BKW, BN] fp32 with sum over rows of t equal to
     sum_k x[k] * q[k, n] / UNSCALE, and xs [BKW] fp32, the sum of each row's x values (for the zero point).
-    words [BKW, BN] int32, rows [BKW] their word rows."""
+    words [BKW, BN] int32, rows [BKW] their word rows, xw [BKW, PER // 2] their x pairs (X_PAIRS only)."""
     HALF: tl.constexpr = PER // 2  # values per 16-bit half-word (2, 4 or 8: even)
     MASK: tl.constexpr = (1 << BITS) - 1
     t = tl.zeros(words.shape, dtype=tl.float32)  # [BKW, BN]: one FFMA chain per element over the values j
@@ -79,7 +99,7 @@ def _tile(words, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.c
         if half == 1:
             words = words >> half_shift  # in place: the low half is done (the sign bits are masked off below)
         for jj in tl.static_range(HALF // 2):  # values j = 2*jj and 2*jj + 1: one pair of x values
-            x_lo, x_hi = _x_pair(x_ptr, rows * PER + half * HALF + 2 * jj, K, EVEN_K, X_PAIRS)  # [BKW] each
+            x_lo, x_hi = _x_pair(x_ptr, xw, rows, half * (HALF // 2) + jj, K, EVEN_K, X_PAIRS, PER // 2)  # [BKW]
             xs += x_lo + x_hi
             for i in tl.static_range(2):
                 j = 2 * jj + i
@@ -89,6 +109,35 @@ def _tile(words, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.c
                 f = (words & (MASK << (j * BITS))).to(tl.float32, bitcast=True)  # [BKW, BN]
                 t += x[:, None] * f  # x * q * 2**(X_EXP - 149): an exact product
     return t, xs
+
+
+@triton.jit
+def _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
+               PER: tl.constexpr, BKW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr,
+               EVEN_N: tl.constexpr, X_PAIRS: tl.constexpr):
+    """Everything tile k0 needs from memory: words [BKW, BN], scales [BN] fp32, zeros [BN], g_idx [BK] and x pairs
+    [BKW, PER // 2] (X_PAIRS; else a dummy). Past k_end (the prefetch after a program's last tile) nothing is read."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+    rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    row_ok = rows < k_end // PER  # [BKW] (k_end is a multiple of PER: a whole number of words)
+    g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
+    live = (offs_n * 0 + k0) < k_end  # [BN] this tile exists (a vector: the interpreter masks only with tensors)
+    if EVEN_N:
+        col_ok = live
+    else:
+        col_ok = live & mask_n
+    gk = tl.load(g_ptr + offs_k, mask=offs_k < k_end, other=0)  # [BK]
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0)  # [BKW, BN]
+    s = tl.load(s_ptr + g * N + offs_n, mask=col_ok, other=0.0).to(tl.float32)  # [BN]
+    z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, col_ok, BITS)  # [BN]
+    if X_PAIRS:
+        pair = tl.arange(0, PER // 2)  # [PER/2]
+        xw = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (PER // 2) + pair[None, :],
+                     mask=row_ok[:, None], other=0)  # [BKW, PER/2]: 2 x values per int32
+    else:
+        xw = gk
+    return words, s, z, gk, xw
 
 
 @triton.jit
@@ -129,12 +178,12 @@ def gptq_gemv_kernel(
     FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or one group): a tile is one group if g_idx is plain
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: x loads without masks
     X_PAIRS: tl.constexpr,  # x is 16-bit and EVEN_K: x loaded as 4-byte pairs (see _x_pair)
     ACC_ROWS: tl.constexpr,  # per-row sums until after the K loop (pays only where warps split the rows)
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr,  # software-pipelining depth of the K loop
+    STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: the register prefetch alone)
     REDUCE_ROWS: tl.constexpr = 16,  # split-K: partial-sum rows the last program loads at once (a loop of one
     # row per load waited one L2 round trip per split: ~10 us of a 14 us 4096x4096 call on the H100)
 ):
@@ -153,32 +202,25 @@ def gptq_gemv_kernel(
     if not FAST_OK:
         bad += 1
     if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
+        # register prefetch: tile i+1's loads are issued before tile i's arithmetic (see the module docstring)
+        words, s, z, gk, xw = _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k_start, k_end, offs_n, mask_n, N, ZW,
+                                         BITS, PER, BKW, BLOCK_K, GROUP_TILES, EVEN_N, X_PAIRS)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            words_n, s_n, z_n, gk_n, xw_n = _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0 + BLOCK_K, k_end,
+                                                       offs_n, mask_n, N, ZW, BITS, PER, BKW, BLOCK_K, GROUP_TILES,
+                                                       EVEN_N, X_PAIRS)
             offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
             rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
             g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
-            if EVEN_K:
-                bad += (tl.load(g_ptr + offs_k) != g).to(tl.int32)
-            else:
-                bad += ((tl.load(g_ptr + offs_k, mask=offs_k < K, other=0) != g) & (offs_k < K)).to(tl.int32)
-            w_ptrs = qw_ptr + rows[:, None] * N + offs_n[None, :]
-            if EVEN_N and EVEN_K:
-                words = tl.load(w_ptrs)  # [BKW, BN]
-            else:
-                words = tl.load(w_ptrs, mask=(rows < K // PER)[:, None] & mask_n[None, :], other=0)
-            if EVEN_N:
-                s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)  # [BN]
-                z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, offs_n >= 0, BITS)  # [BN]
-            else:
-                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
-            t, xs = _tile(words, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN], [BKW]
+            bad += ((gk != g) & (offs_k < K)).to(tl.int32)
+            t, xs = _tile(words, xw, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN], [BKW]
             zf = z.to(tl.float32)
             if ACC_ROWS:  # keep per-row sums, reduced (across warps, if they split the rows) after the loop
                 acc_rows += t * (s * UNSCALE)[None, :]  # two FFMAs per element: the row's share of
                 acc_rows -= xs[:, None] * (zf * s)[None, :]  # sum x*q*s and of z*s*sum x
             else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
                 acc += (tl.sum(t, axis=0) * UNSCALE - zf * tl.sum(xs, axis=0)) * s
+            words, s, z, gk, xw = words_n, s_n, z_n, gk_n, xw_n
         if ACC_ROWS:
             acc = tl.sum(acc_rows, axis=0)
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups

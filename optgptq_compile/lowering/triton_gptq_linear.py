@@ -48,11 +48,11 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
     if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
-        # H100, session 5 (RESULTS.md, 7B shapes): against 4 warps with per-row sums a 7B layer's four GEMVs are
-        # 69.4 vs 67.1 us in one run and 64.4 vs 67.0 in another: a tie; 2 warps keep the lower memory-only floor.
-        # ~4 programs per SM (K splits, each streaming ~5 tiles, so later tiles' loads overlap earlier tiles'
-        # arithmetic; session 4).
-        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=256, BLOCK_K=64, num_warps=2, num_stages=3, ACC_ROWS=False)
+        # H100, session 7 (RESULTS.md, 7B shapes): the register-prefetch loop without cp.async (num_stages=1), 1-warp
+        # programs of 128 columns, ~8 per SM: a 7B layer's four GEMVs 59.4 us, against 64.1 for session 5's
+        # pipelined 2-warp config and 60.4 for the best 2-warp one (6 per SM)
+        cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=1, num_stages=1, ACC_ROWS=False,
+                   PER_SM=8)
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
         # H100 sweeps, 11008x4096 (RESULTS.md): M=16 with words 40.3 us with 16x256x64 tiles (49.6 with
         # 16x128x128); M=2..16 with half-words ~28 us with 16x128x64, 3 stages (31 with 16x128x128; session 6);
@@ -72,7 +72,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
     while cfg["BLOCK_K"] > 16 and gs % cfg["BLOCK_K"] and gs < k:  # a tile must not straddle two groups
         cfg["BLOCK_K"] //= 2
-    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms)
+    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=cfg.get("PER_SM", 4))
     return cfg
 
 
