@@ -75,3 +75,46 @@ def gptq_linear(
 def _gptq_linear_fake(x, qweight, qzeros, scales, g_idx, bias, bits, group_size):
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
     return x.new_empty(*x.shape[:-1], scales.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# split-K partial sums: the GEMV with its reduction left to the graph (passes/split_k_epilogue.py)
+
+
+def check_split_len(k: int, bits: int, split_len: int) -> None:
+    if split_len <= 0 or split_len % (32 // bits if bits != 3 else 32):
+        raise ValueError(f"gptq_linear_partials: split_len={split_len} must be a positive multiple of the values per "
+                         f"packed word ({32 // bits if bits != 3 else 32} at {bits} bits)")
+
+
+def torch_gptq_linear_partials(x, qweight, qzeros, scales, g_idx, bits, split_len):
+    """Reference: fp32 [S, ..., N], S = ceil(K / split_len), entry s = x[..., Ks] @ dequant(W)[Ks] over the K slice
+    Ks = [s * split_len, (s + 1) * split_len), in fp32; their sum over s is x @ dequant(W)."""
+    w = dequantize(qweight, qzeros, scales, g_idx, bits).float()  # [K, N]
+    xf = x.float()
+    k = x.shape[-1]
+    return torch.stack([xf[..., a:a + split_len] @ w[a:a + split_len] for a in range(0, k, split_len)])
+
+
+@torch.library.custom_op("optgptq::gptq_linear_partials", mutates_args=())
+def gptq_linear_partials(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
+    split_len: int,
+) -> torch.Tensor:
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, None, bits)
+    check_split_len(x.shape[-1], bits, split_len)
+    return torch_gptq_linear_partials(x, qweight, qzeros, scales, g_idx, bits, split_len).contiguous()
+
+
+@gptq_linear_partials.register_fake
+def _gptq_linear_partials_fake(x, qweight, qzeros, scales, g_idx, bits, group_size, split_len):
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, None, bits)
+    check_split_len(x.shape[-1], bits, split_len)
+    splits = -(-x.shape[-1] // split_len)
+    return x.new_empty(splits, *x.shape[:-1], scales.shape[-1], dtype=torch.float32)
