@@ -2,23 +2,22 @@
 
 At M = 1 the Triton gemv splits K over several programs to keep HBM busy; in the kernel the last program of each
 column tile reloads the others' fp32 partial sums and adds them -- an atomic, a reload and a store in series at
-the end of every call (about 2 us of an 11008x4096 GEMV on the H100, benchmarks/gemv_probe.py ``memw_nored``). The
-outputs of o_proj and down_proj feed the residual add, whose Inductor kernel also computes the next RMSNorm, so
-this pass rewrites
+the end of every call (about 2 us of an 11008x4096 GEMV on the H100, benchmarks/gemv_probe.py ``memw_nored``). In
+a compiled graph the GEMV's output always feeds an Inductor kernel (RoPE, SiLU * up, the residual add and the next
+RMSNorm), so this pass rewrites
 
-    y = gptq_linear(x, W..., bias)            # x [..., K] with one row, every user of y an add
+    y = gptq_linear(x, W..., bias)            # x [..., K] with one row
 into
     p = gptq_linear_partials(x, W..., split_len)   # fp32 [S, ..., N]: one partial sum per K slice, not reduced
     y = (p.sum(0) + bias).to(x.dtype)
 
-and Inductor reads the S partial rows (from L2) inside the add's kernel. ``split_len`` is the launcher's own K
-split for that shape (``gemv_split_len``), so the kernel's grid and tiles are what the gemv would have run.
+and Inductor reads the S partial rows (from L2) inside the consumer's kernel. ``split_len`` is the launcher's own
+K split for that shape (``gemv_split_len``), so the kernel's grid and tiles are what the gemv would have run.
 
-Option ``split_k_epilogue`` (default on) turns it off. Only where it pays and is exact: Triton kernels selected
-(``lowering.use_triton``), a static single row (decode at batch 1; symbolic batch sizes keep the in-kernel
-reduce), 2/4/8 bits, a ``g_idx`` that is plain ``k // group_size`` (act-order weights keep ``gptq_linear``, whose
-kernel selection sorts them), a shape the launcher splits, and an output whose every user is an add
-(``_is_add``). The sum's order differs from the kernel's (split order either way, fp32), so results agree to fp32
+Option ``split_k_epilogue`` (default on) turns it off. Only where it pays and is exact: Triton kernels selected (``lowering.use_triton``), a static single row (decode at
+batch 1; symbolic batch sizes keep the in-kernel reduce), 2/4/8 bits, a ``g_idx`` that is plain ``k //
+group_size`` (act-order weights keep ``gptq_linear``, whose kernel selection sorts them), and a shape the launcher
+splits. The sum's order differs from the kernel's (split order either way, fp32), so results agree to fp32
 rounding, not bit for bit.
 """
 
@@ -58,17 +57,6 @@ def _plain_g_idx(gm: fx.GraphModule, node, k: int, group_size: int) -> bool:
     return bool(torch.equal(g_idx.cpu(), torch.arange(k, dtype=g_idx.dtype) // size))
 
 
-ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
-
-
-def _is_add(user: fx.Node) -> bool:
-    """A residual add (o_proj, down_proj, BLOOM's dense layers): Inductor computes the sum inside the add's kernel
-    (with the RMSNorm after it). The fused q/k/v and gate/up outputs are split and read at shifted indices (RoPE's
-    rotate_half, SiLU(gate) * up), so there the sum became a kernel of its own (H100: 8.6 us for q/k/v against ~2 us
-    of in-kernel reduce) and they are left alone."""
-    return user.op in ("call_function", "call_method") and user.target in ADDS
-
-
 def split_k_epilogue(gm: fx.GraphModule, ctx: PassContext) -> bool:
     from ..lowering import TRITON_IMPORT_ERROR, use_triton
 
@@ -89,9 +77,6 @@ def split_k_epilogue(gm: fx.GraphModule, ctx: PassContext) -> bool:
             continue
         k, n = _val(x).shape[-1], scales_val.shape[-1]
         if not _plain_g_idx(gm, g_idx, k, group_size):
-            continue
-        if not node.users or not all(_is_add(u) for u in node.users):
-            ctx.skipped(NAME, node, "an output not consumed by an elementwise add keeps the in-kernel reduce")
             continue
         split_len = gemv_split_len(n, k, bits, group_size, sms)
         if split_len is None:
