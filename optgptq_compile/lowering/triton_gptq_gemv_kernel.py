@@ -31,9 +31,7 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
   row per tile, reduced once after the loop.
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
   (an atomic counter) adds them in split order, adds the bias, writes y in x's dtype and resets the counter. No
-  zero fill, no cast kernel, and the sum is deterministic. In a compiled graph the reduce can leave the kernel
-  altogether (REDUCE off, ``optgptq::gptq_linear_partials``): the sum then runs inside the Inductor kernel that
-  consumes y, and the GEMV ends without its serial tail (atomic, reload of the partials, store).
+  zero fill, no cast kernel, and the sum is deterministic.
 """
 
 import triton
@@ -177,8 +175,6 @@ def gptq_gemv_kernel(
     BITS: tl.constexpr,  # 2, 4 or 8 (whole values per word)
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
-    REDUCE: tl.constexpr,  # with SPLIT: reduce here; without, only the partial sums are stored (the graph adds
-    # them in the consumer's kernel: passes/split_k_epilogue.py)
     FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or one group): a tile is one group if g_idx is plain
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
@@ -230,9 +226,7 @@ def gptq_gemv_kernel(
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
         acc = _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end, BITS)
 
-    if SPLIT and not REDUCE:
-        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
-    elif SPLIT:
+    if SPLIT:
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
         tl.debug_barrier()  # every thread's partial sums are stored before the release below
         arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")

@@ -30,8 +30,7 @@ from torch.library import triton_op, wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import pack_rows, unpack_rows
-from .gptq_linear import check_gptq_shapes, check_split_len, torch_gptq_linear  # noqa: F401  (the reference)
-from .gptq_linear import torch_gptq_linear_partials
+from .gptq_linear import check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference: ground truth)
 from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,77 +198,30 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     return y
 
 
-def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, split_len: Optional[int] = None):
-    """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype; with
-    ``split_len`` (a multiple of BLOCK_K) the fp32 partial sums [S, N] of K slices that long instead, unreduced."""
+def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
+    """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype."""
     k, n = x2.shape[1], scales.shape[-1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if split_len is None:
-        split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk),
-                                           num_sms(device_index(x2)), per_sm=cfg.get("PER_SM", 4))
-        k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
-    else:
-        k_per_split = split_len
+    split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
+                                       per_sm=cfg.get("PER_SM", 4))
+    k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     tiles = -(-n // bn)
-    if split_len is None:
-        y = x2.new_empty(1, n)  # [1, N]
-        part = x2.new_empty(split, n, dtype=torch.float32) if split > 1 else y  # [splits, N] partial sums
-        locks = _split_locks(x2, tiles) if split > 1 else g_idx
-    else:  # partials only: one fp32 row per split, written whole (a single split writes it as "y")
-        y = part = x2.new_empty(split, n, dtype=torch.float32)  # [S, N]
-        locks = g_idx  # never dereferenced without REDUCE
+    y = x2.new_empty(1, n)  # [1, N]
+    part = x2.new_empty(split, n, dtype=torch.float32) if split > 1 else y  # [splits, N] partial sums
+    locks = _split_locks(x2, tiles) if split > 1 else g_idx
     fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
             n, k, qzeros.shape[1], k_per_split, 16,
-            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, REDUCE=split_len is None, FAST_OK=fast_ok,
+            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
             STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     return y
-
-
-@triton_op("optgptq::gptq_linear_partials_triton", mutates_args=())
-def gptq_linear_partials_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    group_size: int,
-    split_len: int,
-) -> torch.Tensor:
-    """``optgptq::gptq_linear_partials`` on the GPU: the gemv kernel without its split-K reduce, for one activation
-    row and ``split_len`` a multiple of the launcher's BLOCK_K; anything else runs the reference (correct, slow:
-    passes/split_k_epilogue.py only emits the fast case)."""
-    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, None, bits)
-    check_split_len(x.shape[-1], bits, split_len)
-    check_device(x, "gptq_linear_partials_triton")
-    k, n = x.shape[-1], scales.shape[-1]
-    gs = k if group_size == -1 else group_size
-    cfg = pick_config(1, n, k, bits, group_size, num_sms(device_index(x)))
-    if x.numel() != k or cfg["KERNEL"] != "gemv" or split_len % cfg["BLOCK_K"]:
-        return torch_gptq_linear_partials(x, qweight, qzeros, scales, g_idx, bits, split_len).contiguous()
-    x2 = x.reshape(1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    part = _gemv(x2, qweight, qzeros, scales, g_idx, None, bits, gs, cfg, not tracing_interpreted(x2), split_len)
-    return part.view(part.shape[0], *x.shape[:-1], n)
-
-
-def gemv_split_len(n: int, k: int, bits: int, group_size: int, num_sms: int) -> Optional[int]:
-    """K rows per split of the launcher's M=1 gemv at this shape, or None where it does not split K (nothing to
-    move out of the kernel) or is not the gemv (3 bits)."""
-    cfg = pick_config(1, n, k, bits, group_size, num_sms)
-    if cfg["KERNEL"] != "gemv" or cfg["SPLIT_K"] <= 1:
-        return None
-    split_len = -(-k // (cfg["SPLIT_K"] * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
-    return split_len if split_len < k else None
 
 
 # device -> int32 counters, zero between launches: the gemv's last-split detection. Every gemv launch on a device
@@ -345,9 +297,7 @@ VARIANTS = {
     torch.ops.optgptq.gptq_linear.default: {
         "triton": torch.ops.optgptq.gptq_linear_triton.default,
         "prepare": prepare_node,
-    },
-    torch.ops.optgptq.gptq_linear_partials.default: {
-        "triton": torch.ops.optgptq.gptq_linear_partials_triton.default, "prepare": None},
+    }
 }
 
 
@@ -377,7 +327,6 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
             const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
         elif kind == "gemv":
             specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
-            specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, reduce=False))  # partials only
             continue
         else:
             fn = mod.gptq_matmul_kernel
@@ -418,7 +367,7 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))
 
 
-def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16", reduce: bool = True):
+def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):
     """The ahead-of-time compile spec of ``gptq_gemv_kernel`` for one shape and config (also used by
     benchmarks/sass_loop.py), with the divisibility attributes the JIT infers from 16-byte aligned tensors and
     sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
@@ -428,8 +377,8 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32",
                half_shift="i32")
-    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, REDUCE=reduce,
-                 FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
+    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
+                 GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
                  ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
@@ -438,7 +387,6 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                                                                    ("half_shift", 16)) if v % 16 == 0]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
-    label = (f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
-             f"{'' if reduce else ' partials'}")
+    label = f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
     return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const,
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))

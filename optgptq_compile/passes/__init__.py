@@ -2,8 +2,7 @@
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops, and
-sibling projections are fused only once they are gptq_linear calls, and a decode GEMV's split-K reduction moves
-into the graph only after fusion (it sees the final widths).
+sibling projections are fused only once they are gptq_linear calls.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from .fuse_projections import fuse_projections
 from .match_attention import match_attention
 from .paged_kv import paged_kv
 from .quantize_linear import quantize_linear
-from .split_k_epilogue import split_k_epilogue
 
 Pass = Callable[[fx.GraphModule, PassContext], bool]
 
@@ -30,5 +28,4 @@ PASSES: list[Pass] = [
     calibrate_gptq,
     quantize_linear,
     fuse_projections,
-    split_k_epilogue,
 ]
