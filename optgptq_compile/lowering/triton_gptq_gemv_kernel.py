@@ -179,7 +179,7 @@ def gptq_gemv_kernel(
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: x loads without masks
-    X_PAIRS: tl.constexpr,  # x is 16-bit and EVEN_K: x loaded as 4-byte pairs (see _x_pair)
+    X_PAIRS: tl.constexpr,  # x is 16-bit and EVEN_K: x rows of int32 pairs, prefetched with the weights
     ACC_ROWS: tl.constexpr,  # per-row sums until after the K loop (pays only where warps split the rows)
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,

@@ -55,8 +55,9 @@ def num_splits(programs: int, per_sequence: int, max_context: int, block_n: int,
     for it, each split keeping at least ``min_tiles`` K/V tiles. One tile per split: a program's time is a chain of
     dependent loads (context length, block ids, K, V) per tile, so the shortest chains win; H100, session 7, batch
     1, GQA 32/8, head 128, 600 tokens in a 640-token table: 7.1 us with 10 one-tile splits against 8.8 with 5
-    two-tile ones (2000 in 2048: 10.1-10.4 with 32-40 splits, 10.8 with 16). The batch enters through that one comparison only:
-    under torch.compile with a dynamic batch it is a single guard (two compiled variants), not one per batch size."""
+    two-tile ones (2000 in 2048: 10.1-10.4 with 32-40 splits, 10.8 with 16). The batch enters through that one
+    comparison only: under torch.compile with a dynamic batch it is a single guard (two compiled variants), not one
+    per batch size."""
     if programs >= num_sms:
         return 1
     tiles = -(-max_context // block_n)
