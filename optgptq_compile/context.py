@@ -26,10 +26,13 @@ def fqn_of(node: fx.Node) -> str | None:
     if source is None:
         return None
     name = source.name if isinstance(source.name, str) else source.name()
-    keys = _SOURCE_KEY.findall(name)
-    if not name.startswith("L['self']") or not keys:
-        return None
-    return ".".join(keys[1:])  # keys[0] is 'self'
+    # ``self`` itself, or the first positional argument when a decorator wraps ``forward`` as ``f(*args, **kwargs)``
+    # (transformers 5.24 wraps the models' forward in its deprecation helper: ``L['args'][0]._modules[...]``)
+    for prefix in ("L['self']", "L['args'][0]."):
+        if name.startswith(prefix):
+            keys = _SOURCE_KEY.findall(name[len(prefix):])
+            return ".".join(keys) or None
+    return None
 
 
 @dataclasses.dataclass

@@ -121,3 +121,41 @@ def test_dump_dir_writes_graphs_and_report(tmp_path):
     assert "optgptq.gptq_linear" in final
     report = open(tmp_path / graph_dirs[0] / "report.txt").read()
     assert "REWROTE" in report and "lm_head.weight: output head stays dense" in report
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("L['self']._modules['lm_head']._parameters['weight']", "lm_head.weight"),
+    # transformers >= 5.24 wraps forward in a decorator taking (*args, **kwargs): self is the first argument
+    ("L['args'][0]._modules['model']._modules['layers']._modules['0']._parameters['w']", "model.layers.0.w"),
+    ("L['args'][1]", None),  # input_ids: not a module path
+    ("L['input_ids']", None),
+])
+def test_fqn_of_reads_module_paths_from_dynamo_sources(source, expected):
+    from types import SimpleNamespace
+
+    import torch.fx as fx
+
+    from optgptq_compile.context import fqn_of
+
+    node = fx.Graph().placeholder("p")
+    node.meta["grapharg"] = SimpleNamespace(source=SimpleNamespace(name=source))
+    assert fqn_of(node) == expected
+
+
+def test_decorated_forward_keeps_the_output_head_dense():
+    """A forward wrapped as f(*args, **kwargs) (as transformers 5.24 does) must still name lm_head and keep it dense."""
+    import functools
+
+    model = tiny_llama(layers=1)
+    forward = type(model).forward
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    model.forward = wrapped.__get__(model)
+    torch._dynamo.reset()
+    optgptq_compile.reset_stats()
+    torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 32, "strict": True})(
+        torch.randint(3, 128, (1, 4)))
+    assert optgptq_compile.stats()["linear_rewritten"] == 7  # q, k, v, o, gate, up, down: not lm_head
