@@ -17,9 +17,10 @@ _SOURCE_KEY = re.compile(r"\['([^']+)'\]")
 
 
 def fqn_of(node: fx.Node) -> str | None:
-    """Module path of a placeholder that Dynamo lifted from ``self``, e.g. ``model.layers.0.mlp.up_proj.weight``.
+    """Module path of a placeholder that Dynamo lifted from the model, e.g. ``model.layers.0.mlp.up_proj.weight``.
 
-    Dynamo records where each graph input came from (``L['self']._modules['model']...._parameters['weight']``).
+    Dynamo records where each graph input came from (``L['self']._modules['model']...._parameters['weight']``, or
+    ``L['args'][0]...`` when ``forward`` is wrapped, see below); None for anything else (inputs, constants).
     """
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)

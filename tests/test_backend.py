@@ -1,13 +1,17 @@
 """The backend end to end: registration, counters, weight caching and release, fallback, dumps, dense numerics."""
 
+import functools
 import importlib.metadata
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.fx as fx
 
 import optgptq_compile
 import optgptq_compile.backend as backend
+from optgptq_compile.context import fqn_of
 from optgptq_compile.quant import cache
 from tests.models import tiny_bloom, tiny_llama
 
@@ -131,12 +135,6 @@ def test_dump_dir_writes_graphs_and_report(tmp_path):
     ("L['input_ids']", None),
 ])
 def test_fqn_of_reads_module_paths_from_dynamo_sources(source, expected):
-    from types import SimpleNamespace
-
-    import torch.fx as fx
-
-    from optgptq_compile.context import fqn_of
-
     node = fx.Graph().placeholder("p")
     node.meta["grapharg"] = SimpleNamespace(source=SimpleNamespace(name=source))
     assert fqn_of(node) == expected
@@ -144,8 +142,6 @@ def test_fqn_of_reads_module_paths_from_dynamo_sources(source, expected):
 
 def test_decorated_forward_keeps_the_output_head_dense():
     """A forward wrapped as f(*args, **kwargs) (as transformers 5.24 does) must still name lm_head and keep it dense."""
-    import functools
-
     model = tiny_llama(layers=1)
     forward = type(model).forward
 

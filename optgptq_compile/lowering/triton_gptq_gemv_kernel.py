@@ -15,20 +15,19 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
   that rounds dequantized weights.) Limits: |x| < 2**64 (x' overflows to inf past that).
 * The half-word shift arrives as a run-time argument (``half_shift``): as a constant, LLVM turned the shifted
   masks into shift + bit-extract pairs.
-* Layout: BLOCK_N = 256 makes the lanes of a warp spread over columns only (8 per thread with one warp). Triton
-  gives the columns to the warps too while they are more than 128 per warp (32 lanes x 4-word vectors; 2 warps at
-  256 columns: 4 per thread, every word row of the tile in-thread); only warps left over split the rows, where
-  ACC_ROWS keeps per-row sums until after the K loop (with every row in-thread it only costs registers: the sweep
-  tries both). Either way the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and each
-  x value is one load (all lanes of a warp read the same address) reused across the thread's columns.
+* Layout: the lanes of a warp spread over columns only while the tile has at least 128 columns per warp (32 lanes
+  x 4-word vectors; the launcher's 1 warp x 128 columns, or 2 warps x 256, keep every word row of a tile
+  in-thread); warps left over split the rows, where ACC_ROWS keeps per-row sums until after the K loop. Either way
+  the sum over K is an in-thread FFMA chain, never a per-tile shuffle or barrier, and every thread holds the tile's
+  x values itself (all lanes of a warp load the same addresses) and reuses them across its columns.
 * Register prefetch, not shared memory: the K loop loads tile i+1 (weights, scales, zeros, g_idx and x) into
   registers before it computes tile i, and the launcher compiles it with ``num_stages=1``, so there is no
   ``cp.async``, shared-memory round trip or barrier per tile. x comes in with the weights as 16-byte rows of int32
-  pairs and is taken apart in registers (``_column``): 8 vector loads per tile instead of 32 scalar ones.
+  pairs and is taken apart in registers (``_column``): 8 vector loads per tile instead of 32 scalar ones. The
+  loads are predicated (the prefetch past a program's last tile reads nothing; ragged N masks columns).
   Session 7 (H100, RESULTS.md): a 7B layer's four GEMVs 64.1 -> 59.4 us with 1-warp programs, against the
   cp.async pipeline of session 5.
-* No masks on full columns (EVEN_N), and the check that ``g_idx`` is ``k // group_size`` is one compare per
-  row per tile, reduced once after the loop.
+* The check that ``g_idx`` is ``k // group_size`` is one compare per row per tile, reduced once after the loop.
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
   (an atomic counter) adds them in split order, adds the bias, writes y in x's dtype and resets the counter. No
   zero fill, no cast kernel, and the sum is deterministic.
