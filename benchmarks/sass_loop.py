@@ -4,6 +4,7 @@ the CPU-side proxy for the GEMV's issue rate and latency hiding.
     python benchmarks/sass_loop.py                      # the launcher's gemv config for 11008x4096
     python benchmarks/sass_loop.py --config '{"BLOCK_N": 512, "BLOCK_K": 64, "num_warps": 2, "num_stages": 3}'
     python benchmarks/sass_loop.py --candidates         # every M=1 config the benchmark sweep times
+    python benchmarks/sass_loop.py --fused              # with the RMSNorm and residual folded in
 
 Compiles ``gptq_gemv_kernel`` ahead of time for sm_90 (with the divisibility attributes the JIT infers from real
 tensors, so the build is the pipelined one), disassembles the cubin with the ``nvdisasm`` that ships with Triton,
@@ -129,8 +130,8 @@ def report(spec, weights_per_iteration: int, num_warps: int = 1, quiet: bool = F
     return res
 
 
-def gemv_report(n, k, bits, group, cfg, quiet=False) -> dict:
-    spec = T.gemv_aot_spec(n, k, bits, group, cfg)
+def gemv_report(n, k, bits, group, cfg, quiet=False, fused=False) -> dict:
+    spec = T.gemv_aot_spec(n, k, bits, group, cfg, fused=fused)
     threads = 32 * cfg["num_warps"]
     return report(spec, cfg["BLOCK_K"] * cfg["BLOCK_N"] // threads, cfg["num_warps"], quiet)
 
@@ -142,6 +143,7 @@ def main():
     ap.add_argument("--shape", default="11008,4096", help="N,K")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--fused", action="store_true", help="with the RMSNorm and residual folded in (gptq_linear_fused)")
     a = ap.parse_args()
     n, k = (int(v) for v in a.shape.split(","))
     if a.candidates:
@@ -156,7 +158,7 @@ def main():
         return
     cfg = T.pick_config(1, n, k, a.bits, a.group)
     cfg.update(json.loads(a.config) if a.config else {})
-    gemv_report(n, k, a.bits, a.group, cfg)
+    gemv_report(n, k, a.bits, a.group, cfg, fused=a.fused)
 
 
 if __name__ == "__main__":

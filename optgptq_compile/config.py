@@ -33,6 +33,7 @@ class OptGPTQConfig:
     true_sequential: bool = True  # GPTQ: calibrate a block's later linears on its already-quantized earlier ones
     clip_search: bool = True  # GPTQ: scale/zero from a Hessian-weighted clipping search instead of min-max
     fuse_projections: bool = True  # one gptq_linear for sibling projections of one input (q/k/v, gate/up)
+    fuse_norm_residual: bool = True  # RMSNorm before / residual add after a gptq_linear folded into the call
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
@@ -57,6 +58,7 @@ _ACCEPTED = {
     "true_sequential": "True or False",
     "clip_search": "True or False",
     "fuse_projections": "True or False",
+    "fuse_norm_residual": "True or False",
 }
 
 
@@ -105,6 +107,7 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "true_sequential": _is_bool,
         "clip_search": _is_bool,
         "fuse_projections": _is_bool,
+        "fuse_norm_residual": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

@@ -98,6 +98,17 @@ def decompose_gptq_linear(
     return y + bias.to(y.dtype) if bias is not None else y
 
 
+def decompose_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits,
+                                group_size):
+    """``optgptq::gptq_linear_fused`` in aten ops: HF's RMSNorm, ``decompose_gptq_linear``, the residual add."""
+    from .lowering.gptq_linear import torch_rms_norm
+
+    if norm_weight is not None:
+        x = torch_rms_norm(x, norm_weight, eps)
+    y = decompose_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
+    return y + residual if residual is not None else y
+
+
 def kv_write_aten(
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
@@ -145,7 +156,8 @@ def _decompositions() -> dict:
     from .lowering import attention, paged_attention
 
     ops = torch.ops.optgptq
-    table: dict = {ops.gptq_linear.default: decompose_gptq_linear, ops.attention.default: attention.torch_attention}
+    table: dict = {ops.gptq_linear.default: decompose_gptq_linear, ops.attention.default: attention.torch_attention,
+                   ops.gptq_linear_fused.default: decompose_gptq_linear_fused}
     if hasattr(ops, "paged_attention"):
         table[ops.paged_attention.default] = paged_attention.torch_paged_attention
     if hasattr(ops, "kv_gather"):

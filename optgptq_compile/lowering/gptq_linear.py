@@ -75,3 +75,63 @@ def gptq_linear(
 def _gptq_linear_fake(x, qweight, qzeros, scales, g_idx, bias, bits, group_size):
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
     return x.new_empty(*x.shape[:-1], scales.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optgptq::gptq_linear_fused: the linear with the RMSNorm before it and the residual add after it (passes/
+# fuse_norm_residual.py). At decode a Llama layer's two "residual add + RMSNorm" kernels then disappear into the
+# GEMVs around them: the norm's sum of squares is summed with the GEMV's K splits, its 1/rms scales the outputs.
+
+
+def check_fused_extras(x: torch.Tensor, norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                       n: int) -> None:
+    """Raise a ValueError naming the norm weight or residual that does not fit x [..., K] -> y [..., N]."""
+    k = x.shape[-1]
+    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"gptq_linear_fused: norm_weight {tuple(norm_weight.shape)} {norm_weight.dtype} must be "
+                         f"[{k}] {x.dtype} (x's features and dtype)")
+    if residual is not None and (residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype):
+        raise ValueError(f"gptq_linear_fused: residual {tuple(residual.shape)} {residual.dtype} must be "
+                         f"{(*x.shape[:-1], n)} {x.dtype} (the output's shape and x's dtype)")
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF ``LlamaRMSNorm`` exactly (fp32 statistics, normalized x rounded to x's dtype, then the weight)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits):
+    """Reference: ``rms_norm(x)`` (when ``norm_weight`` is given), the gptq_linear reference, ``+ residual``."""
+    if norm_weight is not None:
+        x = torch_rms_norm(x, norm_weight, eps)
+    y = torch_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits)
+    return y + residual if residual is not None else y
+
+
+@torch.library.custom_op("optgptq::gptq_linear_fused", mutates_args=())
+def gptq_linear_fused(
+    x: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
+    return torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual,
+                                   bits).contiguous()
+
+
+@gptq_linear_fused.register_fake
+def _gptq_linear_fused_fake(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits, group_size):
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
+    return x.new_empty(*x.shape[:-1], scales.shape[-1])

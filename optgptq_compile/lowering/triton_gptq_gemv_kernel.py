@@ -31,6 +31,11 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
 * Split-K without extra kernels: each split stores fp32 partial sums, the last split of a column tile to arrive
   (an atomic counter) adds them in split order, adds the bias, writes y in x's dtype and resets the counter. No
   zero fill, no cast kernel, and the sum is deterministic.
+* RMSNorm before, residual after (``optgptq::gptq_linear_fused``, NORM / RESIDUAL): y = r * ((x * w) @ W) + bias
+  + residual with r = rsqrt(mean(x**2) + eps). The norm weight w comes in with x (the same int32 pairs) and scales
+  each x value; the sum of x**2 over a program's rows rides along with the zero-point sum, is stored next to the
+  partials (one value per split and column tile) and summed by the last split, which then knows r for the whole
+  row. So the Llama layer's "residual add + RMSNorm" kernels vanish into the GEMVs on either side of them.
 """
 
 import triton
@@ -85,20 +90,28 @@ UNSCALE = tl.constexpr(2.0 ** (149 - X_EXP.value))  # what the products x' * f a
 
 
 @triton.jit
-def _tile(words, xw, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, BITS: tl.constexpr,
-          PER: tl.constexpr):
+def _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr,
+          NORM: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr):
     """One tile (one group) without its zero point and scale: t [BKW, BN] fp32 with sum over rows of t equal to
-    sum_k x[k] * q[k, n] / UNSCALE, and xs [BKW] fp32, the sum of each row's x values (for the zero point).
-    words [BKW, BN] int32, rows [BKW] their word rows, xw [BKW, PER // 2] their x pairs (X_PAIRS only)."""
+    sum_k x[k] * q[k, n] / UNSCALE, xs [BKW] fp32, the sum of each row's x values (for the zero point), and sq
+    [BKW], the sum of each row's x**2 (NORM; x is then x * w and xs sums those). words [BKW, BN] int32, rows [BKW]
+    their word rows, xw / ww [BKW, PER // 2] their x / norm-weight pairs (X_PAIRS only)."""
     HALF: tl.constexpr = PER // 2  # values per 16-bit half-word (2, 4 or 8: even)
     MASK: tl.constexpr = (1 << BITS) - 1
     t = tl.zeros(words.shape, dtype=tl.float32)  # [BKW, BN]: one FFMA chain per element over the values j
     xs = tl.zeros((words.shape[0],), dtype=tl.float32)  # [BKW]
+    sq = tl.zeros((words.shape[0],), dtype=tl.float32)  # [BKW] (NORM only)
     for half in tl.static_range(2):  # the low 16-bit half-word of every word, then the high one
         if half == 1:
             words = words >> half_shift  # in place: the low half is done (the sign bits are masked off below)
         for jj in tl.static_range(HALF // 2):  # values j = 2*jj and 2*jj + 1: one pair of x values
-            x_lo, x_hi = _x_pair(x_ptr, xw, rows, half * (HALF // 2) + jj, K, EVEN_K, X_PAIRS, PER // 2)  # [BKW]
+            p = half * (HALF // 2) + jj
+            x_lo, x_hi = _x_pair(x_ptr, xw, rows, p, K, EVEN_K, X_PAIRS, PER // 2)  # [BKW]
+            if NORM:  # the norm's statistics from x itself, the GEMV's input is x * w
+                sq += x_lo * x_lo + x_hi * x_hi
+                w_lo, w_hi = _x_pair(nw_ptr, ww, rows, p, K, EVEN_K, X_PAIRS, PER // 2)
+                x_lo *= w_lo
+                x_hi *= w_hi
             xs += x_lo + x_hi
             for i in tl.static_range(2):
                 j = 2 * jj + i
@@ -107,15 +120,16 @@ def _tile(words, xw, x_ptr, rows, K, half_shift, EVEN_K: tl.constexpr, X_PAIRS: 
                 # value j masked in place is a subnormal float: q * 2**(j*BITS - 149), exactly
                 f = (words & (MASK << (j * BITS))).to(tl.float32, bitcast=True)  # [BKW, BN]
                 t += x[:, None] * f  # x * q * 2**(X_EXP - 149): an exact product
-    return t, xs
+    return t, xs, sq
 
 
 @triton.jit
-def _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
+def _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
                PER: tl.constexpr, BKW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr,
-               EVEN_N: tl.constexpr, X_PAIRS: tl.constexpr):
-    """Everything tile k0 needs from memory: words [BKW, BN], scales [BN] fp32, zeros [BN], g_idx [BK] and x pairs
-    [BKW, PER // 2] (X_PAIRS; else a dummy). Past k_end (the prefetch after a program's last tile) nothing is read."""
+               EVEN_N: tl.constexpr, X_PAIRS: tl.constexpr, NORM: tl.constexpr):
+    """Everything tile k0 needs from memory: words [BKW, BN], scales [BN] fp32, zeros [BN], g_idx [BK], x pairs
+    [BKW, PER // 2] (X_PAIRS; else a dummy) and norm-weight pairs (X_PAIRS and NORM; else a dummy). Past k_end (the
+    prefetch after a program's last tile) nothing is read."""
     offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
     rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
     row_ok = rows < k_end // PER  # [BKW] (k_end is a multiple of PER: a whole number of words)
@@ -134,27 +148,39 @@ def _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N
         pair = tl.arange(0, PER // 2)  # [PER/2]
         xw = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (PER // 2) + pair[None, :],
                      mask=row_ok[:, None], other=0)  # [BKW, PER/2]: 2 x values per int32
+        if NORM:
+            ww = tl.load(nw_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (PER // 2) + pair[None, :],
+                         mask=row_ok[:, None], other=0)  # [BKW, PER/2]: 2 norm weights per int32
+        else:
+            ww = xw
     else:
         xw = gk
-    return words, s, z, gk, xw
+        ww = gk
+    return words, s, z, gk, xw, ww
 
 
 @triton.jit
-def _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end,
-                    BITS: tl.constexpr):
+def _any_group_loop(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end,
+                    BITS: tl.constexpr, NORM: tl.constexpr):
     """The slow path, correct for any g_idx (unsorted act-order called directly): one input channel at a time, each
-    with its own group's scale and zero. [BN] fp32. Only [BN] vectors, so the registers it needs do not crowd the
-    main loop's (ptxas allocates one register budget for the whole kernel)."""
+    with its own group's scale and zero. [BN] fp32, and the sum of x**2 over the rows (NORM; x is then x * w). Only
+    [BN] vectors, so the registers it needs do not crowd the main loop's (ptxas allocates one register budget for
+    the whole kernel)."""
     PER: tl.constexpr = 32 // BITS
     acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+    ss = tl.sum(acc, axis=0)  # 0.0 as an fp32 scalar
     for k in range(k_start, k_end):
         word = tl.load(qw_ptr + (k // PER) * N + offs_n, mask=mask_n, other=0)  # [BN]
         g = tl.load(g_ptr + k)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
         q = (word >> ((k % PER) * BITS)) & ((1 << BITS) - 1)
-        acc += tl.load(x_ptr + k).to(tl.float32) * ((q - z).to(tl.float32) * s)
-    return acc
+        xk = tl.load(x_ptr + k).to(tl.float32)
+        if NORM:
+            ss += xk * xk
+            xk *= tl.load(nw_ptr + k).to(tl.float32)
+        acc += xk * ((q - z).to(tl.float32) * s)
+    return acc, ss
 
 
 @triton.jit
@@ -165,14 +191,20 @@ def gptq_gemv_kernel(
     s_ptr,  # [G, N]
     g_ptr,  # int32 [K]
     b_ptr,  # [N] (unused without HAS_BIAS)
+    nw_ptr,  # [K] RMSNorm weight, x's dtype (NORM only)
+    res_ptr,  # [N] residual, x's dtype (RESIDUAL only)
     y_ptr,  # [N], x's dtype
     part_ptr,  # fp32 [num K splits, N] partial sums (SPLIT only)
+    ss_ptr,  # fp32 [num K splits, column tiles] partial sums of x**2 (SPLIT and NORM only)
     lock_ptr,  # int32 [>= cdiv(N, BLOCK_N)], all zero between launches (SPLIT only)
     N, K, ZW,
     k_per_split,  # K rows per program along grid axis 1, a multiple of BLOCK_K
     half_shift,  # 16 (a run-time value: see the module docstring)
+    eps,  # RMSNorm epsilon (NORM only)
     BITS: tl.constexpr,  # 2, 4 or 8 (whole values per word)
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,  # x is RMSNorm(x) * w: scale by w per row, 1/rms per output (see the module docstring)
+    RESIDUAL: tl.constexpr,  # y += residual
     SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
     FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or one group): a tile is one group if g_idx is plain
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
@@ -197,36 +229,45 @@ def gptq_gemv_kernel(
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_rows = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)  # ACC_ROWS only
+    sq_rows = tl.zeros((BKW,), dtype=tl.float32)  # NORM only: per-row sums of x**2
     bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # per tile row: how often its g_idx was not k // group_size
     if not FAST_OK:
         bad += 1
     if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
         # register prefetch: tile i+1's loads are issued before tile i's arithmetic (see the module docstring)
-        words, s, z, gk, xw = _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k_start, k_end, offs_n, mask_n, N, ZW,
-                                         BITS, PER, BKW, BLOCK_K, GROUP_TILES, EVEN_N, X_PAIRS)
+        words, s, z, gk, xw, ww = _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k_start, k_end, offs_n,
+                                             mask_n, N, ZW, BITS, PER, BKW, BLOCK_K, GROUP_TILES, EVEN_N, X_PAIRS,
+                                             NORM)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-            words_n, s_n, z_n, gk_n, xw_n = _load_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0 + BLOCK_K, k_end,
-                                                       offs_n, mask_n, N, ZW, BITS, PER, BKW, BLOCK_K, GROUP_TILES,
-                                                       EVEN_N, X_PAIRS)
+            words_n, s_n, z_n, gk_n, xw_n, ww_n = _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
+                                                             k0 + BLOCK_K, k_end, offs_n, mask_n, N, ZW, BITS, PER,
+                                                             BKW, BLOCK_K, GROUP_TILES, EVEN_N, X_PAIRS, NORM)
             offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
             rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
             g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
             bad += ((gk != g) & (offs_k < K)).to(tl.int32)
-            t, xs = _tile(words, xw, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)  # [BKW, BN], [BKW]
+            t, xs, sq = _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, NORM, BITS,
+                              PER)  # [BKW, BN], [BKW], [BKW]
+            if NORM:
+                sq_rows += sq
             zf = z.to(tl.float32)
             if ACC_ROWS:  # keep per-row sums, reduced (across warps, if they split the rows) after the loop
                 acc_rows += t * (s * UNSCALE)[None, :]  # two FFMAs per element: the row's share of
                 acc_rows -= xs[:, None] * (zf * s)[None, :]  # sum x*q*s and of z*s*sum x
             else:  # every row in-thread: reduce now (fewer registers than a second [BKW, BN] accumulator)
                 acc += (tl.sum(t, axis=0) * UNSCALE - zf * tl.sum(xs, axis=0)) * s
-            words, s, z, gk, xw = words_n, s_n, z_n, gk_n, xw_n
+            words, s, z, gk, xw, ww = words_n, s_n, z_n, gk_n, xw_n, ww_n
         if ACC_ROWS:
             acc = tl.sum(acc_rows, axis=0)
+    ss = tl.sum(sq_rows, axis=0)  # this program's sum of x**2 (NORM)
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
-        acc = _any_group_loop(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start, k_end, BITS)
+        acc, ss = _any_group_loop(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start,
+                                  k_end, BITS, NORM)
 
     if SPLIT:
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
+        if NORM:
+            tl.store(ss_ptr + pid_k * tl.num_programs(0) + pid_n, ss)
         tl.debug_barrier()  # every thread's partial sums are stored before the release below
         arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         splits = tl.num_programs(1)
@@ -238,11 +279,27 @@ def gptq_gemv_kernel(
                 part = tl.load(part_ptr + i[:, None] * N + offs_n[None, :], mask=rmask, other=0.0,
                                cache_modifier=".cg")  # [R, BN]; .cg: from L2, never a stale L1 line
                 acc += tl.sum(part, axis=0)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            if NORM:  # the whole row's sum of x**2: every split's share, for this column tile
+                ss = tl.full((), 0.0, tl.float32)
+                for i0 in range(0, splits, REDUCE_ROWS):
+                    i = i0 + tl.arange(0, REDUCE_ROWS)  # [R]
+                    ss += tl.sum(tl.load(ss_ptr + i * tl.num_programs(0) + pid_n, mask=i < splits, other=0.0,
+                                         cache_modifier=".cg"), axis=0)
+            _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, NORM, RESIDUAL)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # zero again for the next launch
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, NORM, RESIDUAL)
+
+
+@triton.jit
+def _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+              RESIDUAL: tl.constexpr):
+    """y = acc / rms (NORM) + bias + residual, stored in y's dtype. acc [BN] fp32 over all of K, ss the row's sum of
+    x**2 (NORM)."""
+    if NORM:
+        acc *= tl.rsqrt(ss / K + tl.cast(eps, tl.float32))  # eps: an fp64 scalar from Inductor's launcher
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        acc += tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)

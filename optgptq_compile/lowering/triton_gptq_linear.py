@@ -30,7 +30,7 @@ from torch.library import triton_op, wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import pack_rows, unpack_rows
-from .gptq_linear import check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference: ground truth)
+from .gptq_linear import check_fused_extras, check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference)
 from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,8 +101,37 @@ def gptq_linear_triton(
     return gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
 
 
-def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config: Optional[dict] = None):
-    """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias). ``config`` overrides ``pick_config`` (benchmarks)."""
+@triton_op("optgptq::gptq_linear_fused_triton", mutates_args=())
+def gptq_linear_fused_triton(
+    x: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
+    check_device(x, "gptq_linear_fused_triton")
+    return gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, norm_weight=norm_weight, eps=eps,
+                       residual=residual)
+
+
+def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config: Optional[dict] = None,
+                norm_weight=None, eps: float = 0.0, residual=None):
+    """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias), or with ``norm_weight`` / ``residual``
+    (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual last. ``config`` overrides ``pick_config``
+    (benchmarks). The gemv fuses the norm and the residual; the other kernels get them as separate torch ops."""
+    if (norm_weight is not None or residual is not None) and not _gemv_fuses(x, scales, bits, group_size, config):
+        if norm_weight is not None:  # one fused kernel on CUDA (aten::_fused_rms_norm)
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+        y = gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config)
+        return y.add_(residual) if residual is not None else y
     k, n = x.shape[-1], scales.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
@@ -114,7 +143,10 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     launch = not tracing_interpreted(x)
     gs = k if group_size == -1 else group_size
     if kind == "gemv":
-        return _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch).reshape(*x.shape[:-1], n)
+        if residual is not None:
+            residual = residual.reshape(n).contiguous()
+        return _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight, eps,
+                     residual).reshape(*x.shape[:-1], n)
     if kind == "dequant":  # prefill: one pass to a dense weight, then cuBLAS/hipBLASLt
         w = x.new_empty(k, n)  # [K, N]
         grid = (-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))
@@ -198,8 +230,17 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     return y
 
 
-def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
-    """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype."""
+def _gemv_fuses(x, scales, bits, group_size, config) -> bool:
+    """This call runs the gemv kernel, which fuses an RMSNorm before and a residual after it."""
+    m = x.numel() // max(x.shape[-1], 1)
+    kind = (config or pick_config(m, scales.shape[-1], x.shape[-1], bits, group_size))["KERNEL"]
+    return kind == "gemv"
+
+
+def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight=None, eps=0.0,
+          residual=None):
+    """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype; with
+    ``norm_weight`` [K] x is RMSNorm-ed first, with ``residual`` [N] it is added last."""
     k, n = x2.shape[1], scales.shape[-1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
@@ -209,14 +250,20 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     tiles = -(-n // bn)
     y = x2.new_empty(1, n)  # [1, N]
     part = x2.new_empty(split, n, dtype=torch.float32) if split > 1 else y  # [splits, N] partial sums
+    norm = norm_weight is not None
+    if norm:
+        norm_weight = norm_weight.contiguous()  # read as int32 pairs, like x
+    ss = x2.new_empty(split, tiles, dtype=torch.float32) if split > 1 and norm else y  # [splits, tiles] sums of x**2
     locks = _split_locks(x2, tiles) if split > 1 else g_idx
     fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
-            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
-            n, k, qzeros.shape[1], k_per_split, 16,
-            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, FAST_OK=fast_ok,
+            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
+            norm_weight if norm else scales, residual if residual is not None else scales, y, part, ss, locks,
+            n, k, qzeros.shape[1], k_per_split, 16, float(eps),
+            BITS=bits, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None, SPLIT=split > 1,
+            FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
             STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16), num_warps=cfg["num_warps"],
@@ -273,31 +320,51 @@ def _sort_act_order(qweight, g_idx, bits):
 
 def prepare_node(gm: fx.GraphModule, node: fx.Node) -> None:
     """Rewrite one gptq_linear call whose ``g_idx`` is act-order into sorted weights + ``x.index_select(-1, perm)``."""
+    _sort_inputs(gm, node, 0, 1, (), 6)
+
+
+def prepare_fused_node(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``prepare_node`` for gptq_linear_fused: its norm weight is permuted along with x (the sum of x**2 is not)."""
+    _sort_inputs(gm, node, 0, 3, (1,), 9)
+
+
+def _sort_inputs(gm: fx.GraphModule, node: fx.Node, x_pos: int, qw_pos: int, also: tuple, bits_pos: int) -> None:
+    """Sort the act-order weights at ``node.args[qw_pos:qw_pos + 4]`` and permute x (and the args at ``also``, the
+    same length as x's last dimension) to match. Positional args: the passes build these calls that way."""
     from ..passes.utils import add_constant
 
-    x, qw, qz, sc, gi = node.args[:5]
+    qw, qz, sc, gi = node.args[qw_pos:qw_pos + 4]
     if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qw, gi)):
         return  # weights are run-time inputs: the kernel's per-row group path stays correct
-    bits = node.args[6] if len(node.args) > 6 else node.kwargs["bits"]
+    bits = node.args[bits_pos] if len(node.args) > bits_pos else node.kwargs["bits"]
     get = operator.attrgetter
     perm, qweight, g_idx = sort_act_order(get(qw.target)(gm), None, None, get(gi.target)(gm), bits)
     if perm is None:
         return
+    args = list(node.args)
     with gm.graph.inserting_before(node):
         perm_node = add_constant(gm, f"{qw.target}_perm", perm.to(get(qw.target)(gm).device))
-        qw_node = add_constant(gm, f"{qw.target}_sorted", qweight)
-        gi_node = add_constant(gm, f"{gi.target}_sorted", g_idx)
-        xp = gm.graph.call_function(torch.ops.aten.index_select.default, (x, -1, perm_node))
-        if "val" in getattr(x, "meta", {}):
-            xp.meta["val"] = x.meta["val"]
-    node.args = (xp, qw_node, qz, sc, gi_node, *node.args[5:])
+        args[qw_pos] = add_constant(gm, f"{qw.target}_sorted", qweight)
+        args[qw_pos + 3] = add_constant(gm, f"{gi.target}_sorted", g_idx)
+        for pos in (x_pos, *also):
+            if args[pos] is None:
+                continue
+            permuted = gm.graph.call_function(torch.ops.aten.index_select.default, (args[pos], -1, perm_node))
+            if "val" in getattr(args[pos], "meta", {}):
+                permuted.meta["val"] = args[pos].meta["val"]
+            args[pos] = permuted
+    node.args = tuple(args)
 
 
 VARIANTS = {
     torch.ops.optgptq.gptq_linear.default: {
         "triton": torch.ops.optgptq.gptq_linear_triton.default,
         "prepare": prepare_node,
-    }
+    },
+    torch.ops.optgptq.gptq_linear_fused.default: {
+        "triton": torch.ops.optgptq.gptq_linear_fused_triton.default,
+        "prepare": prepare_fused_node,
+    },
 }
 
 
@@ -327,6 +394,8 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
             const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
         elif kind == "gemv":
             specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
+            if bits == 4:  # the decode layer's form: RMSNorm and residual folded in
+                specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, fused=True))
             continue
         else:
             fn = mod.gptq_matmul_kernel
@@ -367,26 +436,28 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))
 
 
-def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):
+def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16", fused: bool = False):
     """The ahead-of-time compile spec of ``gptq_gemv_kernel`` for one shape and config (also used by
     benchmarks/sass_loop.py), with the divisibility attributes the JIT infers from 16-byte aligned tensors and
-    sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
+    sizes, so the build is the one the GPU runs (vectorized, pipelined loads). ``fused``: with the RMSNorm and the
+    residual folded in (``gptq_linear_fused``)."""
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                                            132, per_sm=cfg.get("PER_SM", 4))
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
-               y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32",
-               half_shift="i32")
-    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
+               nw_ptr=f"*{dtype}", res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", ss_ptr="*fp32",
+               lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32", half_shift="i32", eps="fp32")
+    const = dict(BITS=bits, HAS_BIAS=False, NORM=fused, RESIDUAL=fused, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
                  ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
     names = list(sig)
-    aligned = [name for name in names[:9]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
-                                                                   ("half_shift", 16)) if v % 16 == 0]
+    aligned = [name for name in names[:12]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
+                                                                    ("half_shift", 16)) if v % 16 == 0]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
-    label = f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
+    label = (f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
+             f"{' norm+residual' if fused else ''}")
     return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const,
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))

@@ -2,7 +2,8 @@
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops, and
-sibling projections are fused only once they are gptq_linear calls.
+sibling projections are fused only once they are gptq_linear calls; the norm / residual fold runs last, on the
+fused calls (one norm then feeds one q/k/v call, not three).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.fx as fx
 from ..context import PassContext
 from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
+from .fuse_norm_residual import fuse_norm_residual
 from .fuse_projections import fuse_projections
 from .match_attention import match_attention
 from .paged_kv import paged_kv
@@ -28,4 +30,5 @@ PASSES: list[Pass] = [
     calibrate_gptq,
     quantize_linear,
     fuse_projections,
+    fuse_norm_residual,
 ]

@@ -67,3 +67,52 @@ def test_shape_errors_name_the_tensor():
         op(torch.randn(2, 128), *args.values(), torch.randn(3), 4, 32)
     with pytest.raises(ValueError, match="g_idx must be int32"):
         op(torch.randn(2, 128), w.qweight, w.qzeros, w.scales, w.g_idx.long(), None, 4, 32)
+
+
+# optgptq::gptq_linear_fused: RMSNorm before, residual after (the fuse_norm_residual pass's op)
+
+
+def _hf_rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm, written out independently of the op's reference."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("norm,residual", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_norm_linear_add(norm, residual, dtype):
+    w, dense = _random_gptq(96, 160, 4, 32, act_order=True)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 3, 160, generator=g) * 3).to(dtype)  # rms far from 1: a missing norm shows
+    nw = (torch.rand(160, generator=g) + 0.5).to(dtype) if norm else None
+    res = torch.randn(2, 3, 96, generator=g).to(dtype) if residual else None
+    bias = torch.randn(96, generator=g).to(dtype)
+    y = torch.ops.optgptq.gptq_linear_fused(x, nw, 1e-5, w.qweight, w.qzeros, w.scales, w.g_idx, bias, res, 4, 32)
+    xn = _hf_rms_norm(x, nw, 1e-5) if norm else x
+    expected = xn @ dense.to(dtype) + bias
+    if residual:
+        expected = expected + res
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_fused_opcheck():
+    w, _ = _random_gptq(64, 128, 4, 32, act_order=True)
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    for nw, res in ((torch.rand(128, dtype=torch.bfloat16), None), (None, torch.randn(2, 3, 64, dtype=torch.bfloat16)),
+                    (torch.rand(128, dtype=torch.bfloat16), torch.randn(2, 3, 64, dtype=torch.bfloat16))):
+        torch.library.opcheck(torch.ops.optgptq.gptq_linear_fused.default,
+                              (x, nw, 1e-6, w.qweight, w.qzeros, w.scales, w.g_idx, None, res, 4, 32))
+
+
+def test_fused_errors_name_the_norm_weight_or_residual():
+    w, _ = _random_gptq(64, 128, 4, 32, act_order=False)
+    op = torch.ops.optgptq.gptq_linear_fused
+    x = torch.randn(2, 128)
+    weights = (w.qweight, w.qzeros, w.scales, w.g_idx, None)
+    with pytest.raises(ValueError, match="norm_weight"):
+        op(x, torch.ones(96), 1e-6, *weights, None, 4, 32)  # K mismatch
+    with pytest.raises(ValueError, match="norm_weight"):
+        op(x, torch.ones(128, dtype=torch.float16), 1e-6, *weights, None, 4, 32)  # dtype mismatch
+    with pytest.raises(ValueError, match="residual"):
+        op(x, None, 1e-6, *weights, torch.randn(1, 64), 4, 32)  # a broadcast is not a residual

@@ -276,3 +276,77 @@ def test_decode_batches_pick_the_fused_dot_kernel():
             assert cfg["KERNEL"] == "wdot" and cfg["BLOCK_M"] == bm, (m, bits, cfg)
         assert T.pick_config(m, 11008, 4096, 3, 128)["KERNEL"] == "dot"
     assert T.pick_config(T.DEQUANT_MIN_M, 11008, 4096, 4, 128)["KERNEL"] == "dequant"
+
+
+# optgptq::gptq_linear_fused_triton: the gemv folds RMSNorm (x * w, 1/rms from the splits' sums of x**2) and the
+# residual; other kernels get them as torch ops around the matmul
+
+
+def _check_fused(w, x, norm_weight, residual, bias, config=None, tol=1e-2, eps=1e-5):
+    y = T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.bits, w.group_size, config=config,
+                      norm_weight=norm_weight, eps=eps, residual=residual)
+    xd = x.double()
+    if norm_weight is not None:  # in fp64: the kernel never rounds the normalized x, so neither does the check
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    ref = torch_gptq_linear(xd, w.qweight, w.qzeros, w.scales, w.g_idx, None if bias is None else bias.double(),
+                            w.bits)
+    if residual is not None:
+        ref = ref + residual.double()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, err
+    return y
+
+
+FUSED_GEMV = {  # name: (N, K, act_order, dtype, config); x scaled by 3: an rms far from 1, so a wrong norm shows
+    # bf16 x and weight as int32 pairs, 7 splits: the last program sums partials and sums of x**2 in chunks of 4
+    "bf16 pairs split-K": (256, 896, False, torch.bfloat16,
+                           dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=1, num_stages=1,
+                                SPLIT_K=7, REDUCE_ROWS=4)),
+    # fp16, one split (the norm from the program's own sum), ragged N (80 = 1.25 tiles of 64)
+    "fp16 one split ragged N": (80, 448, False, torch.float16,
+                                dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=2, num_stages=1,
+                                     SPLIT_K=1)),
+    # unsorted act-order g_idx at run time: the per-row-group loop computes the sums of x**2 itself
+    "act-order per-row loop split-K": (80, 448, True, torch.float16,
+                                       dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=2,
+                                            num_stages=1, SPLIT_K=3)),
+    # fp32 x: no pairs, element loads of x and of the norm weight
+    "fp32 split-K": (64, 320, False, torch.float32,
+                     dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=1, num_stages=1, SPLIT_K=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_GEMV))
+@pytest.mark.parametrize("norm,residual,bias", [(True, True, True), (True, False, False), (False, True, False)])
+def test_fused_gemv(name, norm, residual, bias):
+    n, k, act_order, dtype, cfg = FUSED_GEMV[name]
+    w = _weights(n, k, 4, 32, act_order, seed=5, scale_dtype=torch.bfloat16 if dtype == torch.bfloat16 else
+                 torch.float16)
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype) if norm else None
+    res = torch.randn(1, n, generator=g).to(dtype) if residual else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    ys = [_check_fused(w, x, nw, res, b, cfg, tol=1e-5 if dtype == torch.float32 else 1e-2) for _ in range(2)]
+    assert torch.equal(ys[0], ys[1])  # deterministic: partials and sums of squares added in split order
+    if cfg["SPLIT_K"] > 1:
+        assert int(T._locks[x.device].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("m", [5, T.DEQUANT_MIN_M])  # the dot kernel, dequant + matmul: norm and add around them
+def test_fused_other_kernels(m):
+    w = _weights(48, 320, 4, 32, True)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, m, 320, generator=g) * 3).half()
+    _check_fused(w, x, (torch.rand(320, generator=g) + 0.5).half(), torch.randn(2, m, 48, generator=g).half(),
+                 torch.randn(48, generator=g).half())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_opcheck(m):
+    w = _weights(32, 128, 4, 32, act_order=True)
+    args = (torch.randn(m, 128, dtype=torch.float16), torch.rand(128, dtype=torch.float16), 1e-6, w.qweight,
+            w.qzeros, w.scales, w.g_idx, None, torch.randn(m, 32, dtype=torch.float16), 4, 32)
+    torch.library.opcheck(torch.ops.optgptq.gptq_linear_fused_triton.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -29,8 +29,10 @@ def test_fused_act_order_calls_run_on_the_triton_kernel_at_prefill_and_decode():
     assert len(graphs) >= 2  # prefill (M = 6: the dot kernel) and decode (M = 1: the GEMV kernel)
     for gm in graphs:
         targets = call_targets(gm)
-        assert targets.count(torch.ops.optgptq.gptq_linear_triton.default) == 4  # qkv, o, gate_up, down
-        assert targets.count(torch.ops.aten.index_select.default) == 4  # every call's act-order sort applied
+        # qkv, o, gate_up, down, all four with a norm or a residual folded in (fuse_norm_residual)
+        assert targets.count(torch.ops.optgptq.gptq_linear_fused_triton.default) == 4
+        # every call's act-order sort applied to its x, and to the norm weight folded into q/k/v and gate/up
+        assert targets.count(torch.ops.aten.index_select.default) == 4 + 2
     torch.testing.assert_close(logits, runs["reference"][1], rtol=1e-4, atol=1e-4)
     assert torch.equal(seq, runs["reference"][0])
     assert optgptq_compile.stats()["projections_fused"] > 0

@@ -22,6 +22,13 @@ from tests.lowering.interpreter import run_in_interpreter
 from tests.models import call_targets, recording, tiny_bloom, tiny_llama
 
 GPTQ = torch.ops.optgptq.gptq_linear.default
+FUSED = torch.ops.optgptq.gptq_linear_fused.default  # after fuse_norm_residual: a gptq_linear with norm / residual
+
+
+def linear_calls(gm) -> int:
+    """gptq_linear calls in a graph, with or without a norm / residual folded in."""
+    targets = call_targets(gm)
+    return targets.count(GPTQ) + targets.count(FUSED)
 LINEAR = torch._C._nn.linear
 OPTIONS = {"bits": 4, "group_size": 32, "strict": True}
 LAYERS = 2
@@ -111,7 +118,7 @@ def test_a_sibling_that_cannot_share_the_call_stays_alone_with_a_reason(case, re
     elif case == "bits":  # e.g. a checkpoint with a more sensitive layer kept at 8 bits
         cache.store(ws[2], key, quantize_rtn(ws[2].detach(), 8, 32, True))
     assert _quantize_then_fuse(gm, ctx, inputs)
-    assert call_targets(gm).count(GPTQ) == 2  # q and k fused, v alone
+    assert linear_calls(gm) == 2  # q and k fused, v alone
     assert optgptq_compile.stats()["projections_fused"] == 2
     (skip,) = [r for r in ctx.report if r.pass_name == "fuse_projections" and not r.matched]
     assert reason in skip.detail
@@ -125,7 +132,7 @@ def test_a_later_graph_that_leaves_a_fused_weight_alone_gives_it_a_contiguous_co
     gm, ctx, inputs, _ = _setup(biases=(False, False, True), ws=ws)
     assert not cache.lookup(ws[2], ctx.config.quant_key()).qweight.is_contiguous()
     assert _quantize_then_fuse(gm, ctx, inputs)
-    assert call_targets(gm).count(GPTQ) == 2  # q+k fused again (a new pair), v alone
+    assert linear_calls(gm) == 2  # q+k fused again (a new pair), v alone
     assert all(b.is_contiguous() for _, b in gm.named_buffers())
 
 
@@ -138,7 +145,7 @@ def test_weights_that_are_graph_inputs_are_not_fused():
     gm = fx.GraphModule(torch.nn.Module(), g)
     ctx = PassContext(config=parse_options(OPTIONS), example_inputs=[])
     assert not fuse_projections(gm, ctx)
-    assert call_targets(gm).count(GPTQ) == 2
+    assert linear_calls(gm) == 2
     assert all("graph inputs, not constants" in r.detail for r in ctx.report) and len(ctx.report) == 2
 
 
@@ -197,7 +204,8 @@ def test_llama_fused_gives_the_same_logits_and_greedy_tokens(llama):
 def test_llama_layers_have_four_gptq_linears_instead_of_seven(llama):
     for fuse, per_layer in ((False, PER_LAYER_UNFUSED), (True, PER_LAYER_FUSED)):
         run = llama[fuse]
-        assert [call_targets(gm).count(GPTQ) for gm in run["graphs"]] == [per_layer * LAYERS] * 3
+        counts = [linear_calls(gm) for gm in run["graphs"]]
+        assert counts == [per_layer * LAYERS] * 3
         assert run["stats"]["linear_rewritten"] == 3 * PER_LAYER_UNFUSED * LAYERS  # linears quantized, per graph
     assert llama[True]["stats"]["projections_fused"] == 3 * 5 * LAYERS  # q,k,v + gate,up in each of 3 graphs
     assert "projections_fused" not in llama[False]["stats"]
@@ -224,7 +232,7 @@ def test_paged_generate_gives_the_same_tokens_fused_or_not():
         model = torch.compile(tiny_llama(layers=1), backend="optgptq", options={**OPTIONS, "fuse_projections": fuse})
         with recording() as graphs:
             outs[fuse] = optgptq_compile.generate(model, prompts, [6, 4, 5], block_size=4)
-        assert graphs and all(call_targets(gm).count(GPTQ) == (PER_LAYER_FUSED if fuse else PER_LAYER_UNFUSED)
+        assert graphs and all(linear_calls(gm) == (PER_LAYER_FUSED if fuse else PER_LAYER_UNFUSED)
                               for gm in graphs)
     assert outs[True] == outs[False]
     assert optgptq_compile.stats()["fallbacks"] == 0
@@ -240,7 +248,7 @@ def test_bloom_has_nothing_to_fuse_and_is_unchanged():
             compiled = torch.compile(tiny_bloom(layers=LAYERS), backend="optgptq",
                                      options={**OPTIONS, "fuse_projections": fuse})
             logits[fuse] = compiled(ids).logits
-        assert call_targets(graphs[0]).count(GPTQ) == 4 * LAYERS
+        assert linear_calls(graphs[0]) == 4 * LAYERS
     assert torch.equal(logits[True], logits[False])
     assert "projections_fused" not in optgptq_compile.stats()
 
@@ -260,11 +268,11 @@ def test_act_order_weights_fuse_when_g_idx_match_then_fusion_off_reuses_them():
     fused = optgptq_compile.stats().get("projections_fused", 0)
     skipped = optgptq_compile.stats().get("fuse_projections_skipped", 0)
     assert fused + skipped == 5  # every sibling either fused or reported with its reason
-    assert fused == 5 and call_targets(graphs[0]).count(GPTQ) == PER_LAYER_FUSED  # what GPTQ gives here
+    assert fused == 5 and linear_calls(graphs[0]) == PER_LAYER_FUSED  # what GPTQ gives here
     torch._dynamo.reset()
     with recording() as graphs, torch.no_grad():
         off = torch.compile(model, backend="optgptq", options={**options, "fuse_projections": False})(ids).logits
-    assert call_targets(graphs[0]).count(GPTQ) == PER_LAYER_UNFUSED
+    assert linear_calls(graphs[0]) == PER_LAYER_UNFUSED
     assert all(b.is_contiguous() for n, b in graphs[0].named_buffers())
     torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
 
