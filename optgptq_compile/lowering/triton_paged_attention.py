@@ -4,13 +4,10 @@ references), for CUDA and ROCm.
 
 Paged attention (kernels in ``triton_paged_attention_kernel.py``): one program per (sequence, KV head, query tile,
 KV split); the query heads of a GQA group share the rows of one ``tl.dot`` tile, so K/V are read once per KV head.
-Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial and the last
-split of a query tile to arrive (an atomic counter, ``_split_locks``) combines them in the same launch. One launch
-instead of two: the separate reduce kernel cost 2.0 us and a ~0.4 us launch gap per decode layer on the H100 (next to
-8.3 us of attention); the combine's own cost in the last program is to be measured. Every choice is made from shapes
-only -- the longest context a step can have is ``block_tables.shape[1] * block_size`` -- so a decode step can be
-captured in a CUDA graph (splits that start past a sequence's real context exit at once with a neutral partial, and
-still count themselves in).
+Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial and a second
+kernel combines them. Every choice is made from shapes only -- the longest context a step can have is
+``block_tables.shape[1] * block_size`` -- so a decode step can be captured in a CUDA graph (splits that start past a
+sequence's real context exit at once with a neutral partial).
 
 KV write: one program per 16 tokens of one KV head; slot -1 (padding) is neither read nor stored.
 Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp, tiles sized to
@@ -19,6 +16,7 @@ fit 64 KB of LDS on AMD.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -109,75 +107,36 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     splits = max(1, -(-max_context // split_len))
     rows = sq * group
     split = splits > 1
-    grid = (b * hkv, -(-rows // block_m), splits)
-    if split:  # fp32 partials, combined by the last split of each query tile; every split writes all of its rows
+    if split:  # fp32 partials, combined by the reduce kernel; every split writes all of its rows
         m_part = _scratch((b * hkv, rows, splits), q.device)
         l_part = _scratch((b * hkv, rows, splits), q.device)
         acc_part = _scratch((b * hkv, rows, splits, d), q.device)
-        locks = _split_locks(q, grid[0] * grid[1])
-    else:  # never dereferenced without SPLIT; read-only tensors keep `out` the only output argument
-        m_part = l_part = acc_part = q
-        locks = context_lens
+    else:
+        m_part = l_part = acc_part = q  # never dereferenced without SPLIT; read-only q keeps `out` a single argument
     if tracing_interpreted(q):
         return out
     mod = kernels(KERNELS)
     d_pad = triton.next_power_of_2(d)
-    combine = combine_config(splits, rows, block_m, d_pad)
+    grid = (b * hkv, -(-rows // block_m), splits)
     # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
     wrap_triton(mod.paged_attention_kernel)[grid](
         q, k_cache, v_cache, block_tables, context_lens, alibi_slopes if alibi_slopes is not None else context_lens,
-        out, m_part, l_part, acc_part, locks, sq, hkv, splits, split_len, scale * LOG2E,
+        out, m_part, l_part, acc_part, sq, hkv, splits, split_len, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], SPLITS_PAD=combine["SPLITS_PAD"], COMBINE_M=combine["COMBINE_M"],
-        COMBINE_S=combine["COMBINE_S"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split:
+        wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
+            m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
+            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out
-
-
-COMBINE_ELEMS = 4096  # fp32 partial-acc elements the combine loads at once: 32 registers a thread at 4 warps
-
-
-def combine_config(splits: int, rows: int, block_m: int, d_pad: int) -> dict:
-    """Constexprs of the split combine (``_combine_splits``): its rows, a power of two covering the real rows of any
-    query tile (decode: GROUP of the 16, so a GQA-4 combine loads 4 rows, not 16), the splits padded to a power of
-    two for the max, and how many splits' acc rows one load takes (about COMBINE_ELEMS elements, one L2 round trip
-    each: decode GQA 4 at head 128 takes 8 splits a load, so its 33 splits at batch 1 are 5 loads; MHA at head 128
-    takes 32, so its 9 splits are one). sm90 builds of the batch-1 decode specs: 105-107 registers at head 128
-    with GQA 1 and 4, as many as with the separate reduce kernel; 144 with GQA 7 (105 before), no spills; 8192
-    elements spilled. Without a split: all 1, one build whatever the shape (the combine is not compiled in)."""
-    if splits == 1:
-        return dict(SPLITS_PAD=1, COMBINE_M=1, COMBINE_S=1)
-    splits_pad = triton.next_power_of_2(splits)
-    combine_m = min(block_m, triton.next_power_of_2(rows))
-    per_load = max(1, COMBINE_ELEMS // (combine_m * d_pad))
-    combine_s = min(splits_pad, 1 << (per_load.bit_length() - 1))  # a power of two <= per_load
-    return dict(SPLITS_PAD=splits_pad, COMBINE_M=combine_m, COMBINE_S=combine_s)
 
 
 def _scratch(shape: tuple, device: torch.device) -> torch.Tensor:
     """Uninitialized fp32 split partials (a test fills them with NaN to prove every split writes its rows)."""
     return torch.empty(shape, device=device, dtype=torch.float32)
-
-
-# device -> int32 counters, zero between launches: the split attention's last-arriver detection, one per (sequence,
-# KV head, query tile). Every split launch on a device uses the same counters and leaves them zero, so launches must
-# not run concurrently on two streams of one device (the runtime and Inductor issue them on one stream). Allocated
-# once, before any CUDA-graph capture can need it (the first eager step), and large enough that a capture never
-# grows it: a split launch has fewer programs than SMs (``num_splits``), so it needs fewer counters than that.
-_locks: dict = {}
-
-
-def _split_locks(q: torch.Tensor, tiles: int) -> torch.Tensor:
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(q):  # traced into a graph (Inductor inlining the kernel): a fresh zeroed buffer per call
-        return torch.zeros(tiles, device=q.device, dtype=torch.int32)
-    locks = _locks.get(q.device)
-    if locks is None or locks.numel() < tiles:
-        locks = _locks[q.device] = torch.zeros(max(tiles, 4096), device=q.device, dtype=torch.int32)
-    return locks
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,14 +199,13 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
     """(label, kernel, signature, constexprs, options, extra) of what the launcher picks on CUDA (built for sm90) and
     on ROCm (built for gfx90a/gfx942, 64 KB LDS) for a 32-query-head model: decode (Sq=1) at batch 1 (split KV) for
     every head dim 64/80/128 x GQA 1/4/7 (32/32, 32/8, 28/4 heads), ALiBi alternating so each head dim and each
-    group is built with and without it (the split builds include the combine of the splits: there is no separate
-    reduce kernel); decode at batch 32 (no split); causal prefill (Sq=512); the KV write for each head dim.
-    ``extra``: the JIT's divisibility attrs and the backend a config is for."""
+    group is built with and without it; decode at batch 32 (no split); causal prefill (Sq=512); the split reduce and
+    the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the backend a config is for."""
     mod = kernels(KERNELS)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     attn_sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", bt_ptr="*i32", ctx_ptr="*i32",
                     slopes_ptr="*fp32", out_ptr=f"*{dtype}", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
-                    lock_ptr="*i32", Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
+                    Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
                     stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32", stride_ks="i32",
                     stride_kh="i32", stride_btb="i32")
     cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi)
@@ -263,16 +221,19 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
         for label, batch, sq, hkv, group, d, alibi in cases:
             cfg = pick_config(batch, hkv, sq, group, d, 4096, torch_dtype, hip=hip)
             split = cfg["SPLITS"] > 1
-            d_pad = triton.next_power_of_2(d)
-            const = dict(GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=16, BLOCK_M=cfg["BLOCK_M"],
-                         BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split, IEEE=dtype == "fp32",
-                         NUM_STAGES=cfg["num_stages"],
-                         **combine_config(cfg["SPLITS"], sq * group, cfg["BLOCK_M"], d_pad))
+            const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
+                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"])
             sig = {**attn_sig, **{name: "constexpr" for name in const}}
             specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
                           const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                           dict(attrs=_aligned(mod.paged_attention_kernel, sig), backends=(backend,))))
     for d in (64, 80, 128):  # the same build on every backend
+        const = dict(GROUP=4, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), SPLITS_PAD=64)
+        sig = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", Sq="i32", num_splits="i32",
+                   **{name: "constexpr" for name in const})
+        specs.append((f"paged reduce d{d}", mod.paged_attention_reduce_kernel, sig, const, dict(num_warps=4),
+                      dict(attrs=_aligned(mod.paged_attention_reduce_kernel, sig))))
         const = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16, BLOCK_T=KV_WRITE_BLOCK_T)
         sig = dict(k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", k_cache_ptr=f"*{dtype}", v_cache_ptr=f"*{dtype}",
                    slot_ptr="*i64", T="i32", stride_kt="i32", stride_kh="i32", stride_cb="i32", stride_cs="i32",

@@ -10,15 +10,9 @@ elements. Softmax is online, in fp32, in base 2 (``qk_scale`` includes log2(e), 
 
 The key range of a program is cut in two loops: tiles every row of the tile may see in full (no mask at all), then
 the few tiles at the causal diagonal and the end of the context (masked). Keys past what the tile can see are
-never visited.
-
-With SPLIT (flash-decoding: decode at small batch), a program covers only ``split_len`` keys, writes its partial
-(max, sum, acc) to fp32 scratch and counts itself in (an atomic counter per query tile); the last split of a tile
-to arrive combines every split's partial (``_combine_splits``), writes the output and zeroes its counter for the
-next launch. A split that starts past the context still arrives, with the neutral partial (max -inf, sum 0, acc 0).
-One launch per call: a second reduce kernel cost 2.0 us plus a ~0.4 us launch gap per decode layer on the H100
-(8.3 us in this kernel); what the combine adds to the last program is to be measured. The pattern is the split-K
-epilogue of ``triton_gptq_gemv_kernel.py``.
+never visited. With SPLIT, a program covers only ``split_len`` keys and writes its partial (max, sum, acc) to fp32
+scratch; ``paged_attention_reduce_kernel`` combines the splits (a split that starts past the context writes the
+neutral partial: max -inf, sum 0, acc 0).
 """
 
 import triton
@@ -78,53 +72,6 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
 
 
 @triton.jit
-def _combine_splits(m_ptr, l_ptr, acc_ptr, out_ptr, pid_bh, b, kv_head, tile, Sq, Hkv, num_splits,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, COMBINE_M: tl.constexpr, COMBINE_S: tl.constexpr):
-    """Run by the last split of a query tile: for each of the tile's rows, out = sum_s 2^(m_s - M) acc_s / sum_s
-    2^(m_s - M) l_s with M the row's max over the splits, in the output dtype. COMBINE_M rows cover the tile's real
-    rows (decode GQA 4 has 4 of 16: the loads stay 4x smaller); acc is read COMBINE_S splits at a time, one L2 round
-    trip per chunk without holding every split's [D] row in registers. Every load is ``.cg``: the partials were
-    written by other programs, and an L1 line of this SM could hold stale data."""
-    n_rows = Sq * GROUP
-    rows = tile * BLOCK_M + tl.arange(0, COMBINE_M)  # [CM]
-    row_ok = rows < n_rows
-    # the tile's partials are one run of rows x splits (x D): a 64-bit base, 32-bit offsets (fewer registers)
-    first = (pid_bh.to(tl.int64) * n_rows + tile * BLOCK_M) * num_splits
-    m_ptr += first
-    l_ptr += first
-    acc_ptr += first * HEAD_DIM
-    row_part = tl.arange(0, COMBINE_M) * num_splits  # [CM] a row's first partial in the tile
-    s = tl.arange(0, SPLITS_PAD)  # [SP]
-    m = tl.load(m_ptr + row_part[:, None] + s[None, :], mask=row_ok[:, None] & (s < num_splits)[None, :],
-                other=float("-inf"), cache_modifier=".cg")  # [CM, SP]
-    m_max = tl.max(m, axis=1)  # [CM]
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no key in any split: every weight is 0 below, no NaN
-    d = tl.arange(0, D_PAD)  # [DP]
-    d_ok = d < HEAD_DIM
-    total = tl.zeros([COMBINE_M], dtype=tl.float32)
-    out = tl.zeros([COMBINE_M, D_PAD], dtype=tl.float32)
-    # num_stages=1: pipelined, the 4-byte m/l loads become cp.async.ca, which reads through L1 (.cg is lost)
-    for s0 in tl.range(0, num_splits, COMBINE_S, num_stages=1):
-        sc = s0 + tl.arange(0, COMBINE_S)  # [CS]
-        ok = row_ok[:, None] & (sc < num_splits)[None, :]  # [CM, CS]
-        part = row_part[:, None] + sc[None, :]  # [CM, CS]
-        m_c = tl.load(m_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")  # [CM, CS]
-        l_c = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")  # [CM, CS]
-        acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
-                      mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")  # [CM, CS, DP]
-        w = tl.where(m_c == float("-inf"), 0.0, tl.math.exp2(m_c - m_max[:, None]))  # [CM, CS]
-        total += tl.sum(w * l_c, axis=1)
-        out += tl.sum(w[:, :, None] * acc, axis=1)  # [CM, DP]
-    out = out / tl.where(total > 0.0, total, 1.0)[:, None]  # no key at all (context 0, padding row): acc 0 -> zeros
-    qi = rows // GROUP  # [CM]
-    head = kv_head * GROUP + rows % GROUP  # [CM]
-    o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + qi) * HEAD_DIM  # [CM]
-    tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
 def paged_attention_kernel(
     q_ptr,  # [B, Hq, Sq, D], last dim contiguous
     k_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
@@ -132,19 +79,15 @@ def paged_attention_kernel(
     bt_ptr,  # int32 [B, max_blocks]
     ctx_ptr,  # int32 [B]
     slopes_ptr,  # fp32 [Hq] (unused without ALIBI)
-    out_ptr,  # [B, Hq, Sq, D] contiguous (with SPLIT: written by the last split of each query tile)
-    m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] running max, log2 units (SPLIT only)
+    out_ptr,  # [B, Hq, Sq, D] contiguous (written without SPLIT)
+    m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] running max, log2 units (written with SPLIT)
     l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] softmax denominators
     acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D] unnormalized outputs
-    lock_ptr,  # int32 [>= B * Hkv * query tiles], all zero between launches (SPLIT only)
     Sq, Hkv, num_splits, split_len, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_ks, stride_kh, stride_btb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
     IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # next power of two >= num_splits (SPLIT only): the combine's [CM, SP] max load
-    COMBINE_M: tl.constexpr,  # rows the combine handles, a power of two >= the rows of any tile (SPLIT only)
-    COMBINE_S: tl.constexpr,  # splits per acc load of the combine (SPLIT only)
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes a Python float as fp64 (torch 2.11)
     pid_bh = tl.program_id(0)  # b * Hkv + kv head
@@ -203,19 +146,41 @@ def paged_attention_kernel(
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        tile_id = pid_bh * tl.num_programs(1) + tile
-        arrived = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:  # the last split of this query tile: every other partial is visible
-            _combine_splits(m_ptr, l_ptr, acc_ptr, out_ptr, pid_bh, b, kv_head, tile, Sq, Hkv, num_splits, GROUP,
-                            HEAD_DIM, D_PAD, BLOCK_M, SPLITS_PAD, COMBINE_M, COMBINE_S)
-            tl.atomic_xchg(lock_ptr + tile_id, 0)  # zero again for the next launch
     else:
         keep = l_i > 0.0  # no key at all (context 0, padding row): zeros, not NaN
         out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
         o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + qi) * HEAD_DIM  # [BM]
         tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def paged_attention_reduce_kernel(
+    m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits]
+    l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits]
+    acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D]
+    out_ptr,  # [B, Hq, Sq, D] contiguous
+    Sq, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """One program per (sequence, KV head, row): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)  # [SP]
+    d = tl.arange(0, D_PAD)  # [DP]
+    s_ok = s < num_splits
+    base = (pid_bh.to(tl.int64) * (Sq * GROUP) + row) * num_splits
+    m = tl.load(m_ptr + base + s, mask=s_ok, other=float("-inf"))  # [SP]
+    l = tl.load(l_ptr + base + s, mask=s_ok, other=0.0)  # [SP]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))  # [SP]
+    total = tl.sum(w * l, axis=0)
+    acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SP, DP]
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)  # [DP]; no key: acc 0 -> zeros
+    bh = pid_bh * GROUP + row % GROUP  # b * Hq + query head (pid_bh = b * Hkv + kv head)
+    o_off = (bh.to(tl.int64) * Sq + row // GROUP) * HEAD_DIM
+    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
