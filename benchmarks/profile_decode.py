@@ -2,12 +2,17 @@
 
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --out DIR
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --inline-triton   # Inductor inlines our kernels
+    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --cuda-graphs     # the timeline of replayed steps
 
 A Llama-2-7B-shaped random-weight model (fp16, --layers decoder layers), compiled with backend="optgptq" (int4 g128)
 and run through the paged runtime: prefill one batch of --context-token prompts, then decode. Writes
 ``compile_profile.txt`` (Dynamo's compile-time table and our passes' times), ``decode_profile.txt`` (torch
 profiler over --steps decode steps without CUDA graphs, kernels by GPU time) and ``profile.json`` (the headline
 numbers) to --out.
+
+``--cuda-graphs`` profiles decode steps replayed as CUDA graphs (what e2e.py times) and writes
+``decode_timeline_<tag>.txt``: one step's kernels in launch order with their durations and the idle gaps between
+them, and the step's span against the sum of its kernel times (the launch gaps a graph still pays).
 
 ``--inline-triton`` sets ``OPTGPTQ_INLINE_TRITON=1``: Inductor then inlines each ``triton_op``'s ``wrap_triton``
 kernels (and analyses every call site's TTIR for mutations: a compile-time cost per call site) instead of calling
@@ -47,6 +52,38 @@ def run_steps(engine, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def kernel_timeline(prof, steps: int) -> tuple[str, dict]:
+    """One replayed decode step's kernels in start order: start offset, idle gap before each and duration, in us;
+    plus the mean span of a step's graph against the mean sum of its kernel durations. A graph's kernels run back
+    to back (gaps well under 5 us); the host's work between steps (reading tokens back, preparing the next step's
+    inputs) leaves larger gaps, so the stream is cut there and the segments with many kernels are the steps."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    segments, current = [], []
+    for e in kernels:
+        if current and e.time_range.start - current[-1].time_range.end > 5.0:
+            segments.append(current)
+            current = []
+        current.append(e)
+    segments.append(current)
+    graphs = [g for g in segments if len(g) >= 10]
+    if not graphs:
+        return "no decode-step graph found in the profile\n", {}
+    span = [g[-1].time_range.end - g[0].time_range.start for g in graphs]
+    busy = [sum(e.time_range.end - e.time_range.start for e in g) for g in graphs]
+    step = graphs[sorted(range(len(graphs)), key=lambda i: span[i])[len(graphs) // 2]]
+    t0 = step[0].time_range.start
+    lines = [f"{len(graphs)} step graphs; mean span {sum(span) / len(span):.1f} us, mean kernel time "
+             f"{sum(busy) / len(busy):.1f} us, {len(step)} kernels per step", "",
+             f"{'start':>9} {'gap':>6} {'dur':>7}  kernel"]
+    prev_end = t0
+    for e in step:
+        lines.append(f"{e.time_range.start - t0:9.1f} {e.time_range.start - prev_end:6.1f} "
+                     f"{e.time_range.end - e.time_range.start:7.1f}  {e.name[:110]}")
+        prev_end = e.time_range.end
+    return "\n".join(lines) + "\n", {"step_span_us": sum(span) / len(span), "step_kernel_us": sum(busy) / len(busy)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -54,12 +91,13 @@ def main():
     ap.add_argument("--context", type=int, default=512, help="prompt tokens")
     ap.add_argument("--steps", type=int, default=5, help="decode steps profiled")
     ap.add_argument("--inline-triton", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="profile graph replays; write the kernel timeline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA/ROCm GPU")
     os.makedirs(args.out, exist_ok=True)
-    tag = "inlined" if args.inline_triton else "opaque"
+    tag = ("inlined" if args.inline_triton else "opaque") + ("_graphs" if args.cuda_graphs else "")
     if args.inline_triton:
         os.environ["OPTGPTQ_INLINE_TRITON"] = "1"
     model = model_7b(args.layers)
@@ -73,7 +111,8 @@ def main():
     start = time.perf_counter()
     with torch.inference_mode():
         compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 128})
-        engine = build_engine(compiled, prompts, 64, max_batch_size=args.batch, stop_at_eos=False, cuda_graphs=False)
+        engine = build_engine(compiled, prompts, 64, max_batch_size=args.batch, stop_at_eos=False,
+                              cuda_graphs=args.cuda_graphs)
         for step in ("prefill", "first_decode", "second_decode"):  # the first two compile a graph each
             t = time.perf_counter()
             engine.step()
@@ -92,8 +131,13 @@ def main():
             f.write(table)
         gpu_us = sum(e.self_device_time_total for e in prof.key_averages()) / args.steps
         result["decode_step_gpu_ms"] = gpu_us / 1e3
+        timeline, spans = kernel_timeline(prof, args.steps)
+        result.update(spans)
+        with open(os.path.join(args.out, f"decode_timeline_{tag}.txt"), "w") as f:
+            f.write(timeline)
     print(json.dumps(result, indent=1))
     print(table[:6000])
+    print(timeline[:8000])
     with open(os.path.join(args.out, f"profile_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
 

@@ -126,12 +126,11 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
                 norm_weight=None, eps: float = 0.0, residual=None):
     """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias), or with ``norm_weight`` / ``residual``
     (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual last. ``config`` overrides ``pick_config``
-    (benchmarks). The gemv fuses the norm and the residual; the other kernels get them as separate torch ops."""
-    if (norm_weight is not None or residual is not None) and not _gemv_fuses(x, scales, bits, group_size, config):
-        if norm_weight is not None:  # one fused kernel on CUDA (aten::_fused_rms_norm)
-            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
-        y = gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config)
-        return y.add_(residual) if residual is not None else y
+    (benchmarks). The gemv fuses the norm and the residual, the decode-batch dot kernel the residual; otherwise
+    they are torch ops around the kernel (``F.rms_norm`` is one fused aten kernel on CUDA)."""
+    if norm_weight is not None and not _gemv_fuses(x, scales, bits, group_size, config):
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+        norm_weight = None
     k, n = x.shape[-1], scales.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
@@ -156,10 +155,13 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
         y = torch.mm(x2, w)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], n)
+        return _add_residual(y.reshape(*x.shape[:-1], n), residual)
     if kind == "wdot":
         if _wdot_ok(x, bits, gs, k, cfg["BLOCK_K"]):
-            return _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch).reshape(*x.shape[:-1], n)
+            if residual is not None:
+                residual = residual.reshape(m, n).contiguous()  # y's strides
+            return _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch,
+                         residual).reshape(*x.shape[:-1], n)
         # fp32 activations (exact IEEE dot), or a group size no tile divides: gptq_matmul_kernel
         cfg = dict(BLOCK_M=16, BLOCK_N=min(cfg["BLOCK_N"], 256), BLOCK_K=cfg["BLOCK_K"], GROUP_M=1,
                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SPLIT_K=cfg["SPLIT_K"])
@@ -183,7 +185,12 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
                                                   **cfg)
     if atomic:
         y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return _add_residual(y.reshape(*x.shape[:-1], n), residual)
+
+
+def _add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """y + residual for the kernels without a residual epilogue (prefill's dequant + matmul, the 3-bit dot)."""
+    return y if residual is None else y.add_(residual)
 
 
 def half_word_magic(dtype: torch.dtype, bits: int, bk: int) -> int:
@@ -206,8 +213,9 @@ def _wdot_ok(x, bits, gs, k, bk) -> bool:
     return bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16) and gs > 0 and (gs % bk == 0 or gs >= k)
 
 
-def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
-    """M = 2..64: ``gptq_dot_kernel`` over (row blocks, column tiles, K splits) programs. y [M, N] in x's dtype."""
+def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, residual=None):
+    """M = 2..64: ``gptq_dot_kernel`` over (row blocks, column tiles, K splits) programs. y [M, N] in x's dtype
+    (+ ``residual`` [M, N], contiguous)."""
     m, k = x2.shape
     n = scales.shape[-1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -221,9 +229,10 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch):
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dot_kernel)[grid](
-            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, part, locks,
+            x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
+            residual if residual is not None else scales, y, part, locks,
             m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, 0x4B000000, 16,
-            BITS=bits, HAS_BIAS=bias is not None, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // bk,
+            BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // bk,
             EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
             MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -416,16 +425,16 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(m, n, k, cfg, 132)
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
-               y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32", ZW="i32",
-               stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
-    const = dict(BITS=bits, HAS_BIAS=False, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
+               res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
+               ZW="i32", stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
+    const = dict(BITS=bits, HAS_BIAS=False, RESIDUAL=False, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"],
                  MAGIC16=half_word_magic(dict(bf16=torch.bfloat16, fp16=torch.float16).get(dtype), bits,
                                          cfg["BLOCK_K"]) if cfg["BLOCK_M"] == 16 else 0)
     names = list(sig)
     k_per_split = -(-k // (split * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
-    aligned = names[:9] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32), ("stride_xm", k),
+    aligned = names[:10] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32), ("stride_xm", k),
                                                 ("stride_ym", n), ("k_per_split", k_per_split),
                                                 ("magic", 0x4B000000), ("half_shift", 16)) if v % 16 == 0]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}

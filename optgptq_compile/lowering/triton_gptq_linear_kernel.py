@@ -283,6 +283,7 @@ def gptq_dot_kernel(
     s_ptr,  # [G, N]
     g_ptr,  # int32 [K]
     b_ptr,  # [N] (unused without HAS_BIAS)
+    res_ptr,  # [M, N] residual added to y, y's strides (RESIDUAL only)
     y_ptr,  # [M, N], x's dtype, row stride stride_ym
     part_ptr,  # fp32 [K splits, M, N] partial sums (SPLIT only)
     lock_ptr,  # int32 [>= output tiles], all zero between launches (SPLIT only)
@@ -292,6 +293,7 @@ def gptq_dot_kernel(
     half_shift,  # 16
     BITS: tl.constexpr,  # 2, 4 or 8
     HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,  # y += residual (gptq_linear_fused: the residual add after o_proj / down_proj)
     SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K (BLOCK_K divides the group), 0 for one group
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
@@ -400,11 +402,15 @@ def gptq_dot_kernel(
                                cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            if RESIDUAL:
+                acc += tl.load(res_ptr + y_off, mask=ymask, other=0.0).to(tl.float32)
             tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
             tl.atomic_xchg(lock_ptr + tile, 0)  # zero again for the next launch
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if RESIDUAL:
+            acc += tl.load(res_ptr + y_off, mask=ymask, other=0.0).to(tl.float32)
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 

@@ -176,8 +176,10 @@ def test_backend_kernels_triton_runs_the_triton_op():
                                  options={"bits": 4, "group_size": 32, "kernels": "triton", "strict": True})
         logits = compiled(ids).logits
     targets = [t for g in graphs for t in call_targets(g)]
-    assert torch.ops.optgptq.gptq_linear_triton.default in targets
+    # every linear of a Llama layer has a norm or a residual folded in (fuse_norm_residual)
+    assert torch.ops.optgptq.gptq_linear_fused_triton.default in targets
     assert torch.ops.optgptq.gptq_linear.default not in targets
+    assert torch.ops.optgptq.gptq_linear_fused.default not in targets
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -350,3 +352,15 @@ def test_fused_opcheck(m):
             w.qzeros, w.scales, w.g_idx, None, torch.randn(m, 32, dtype=torch.float16), 4, 32)
     torch.library.opcheck(torch.ops.optgptq.gptq_linear_fused_triton.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_fused_residual_in_the_decode_batch_dot(split):
+    """gptq_dot_kernel (M = 2..64) adds the residual in its epilogue (both the split-K last program and one split);
+    the norm runs as F.rms_norm before it."""
+    w = _weights(80, 448, 4, 32, False, seed=8)
+    cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=split)
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(20, 448, generator=g) * 3).half()
+    _check_fused(w, x, (torch.rand(448, generator=g) + 0.5).half(), torch.randn(20, 80, generator=g).half(),
+                 torch.randn(80, generator=g).half(), cfg)
