@@ -10,6 +10,8 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
     (cuBLAS / hipBLASLt); faster here than the fused dot kernels at these sizes.
+``optgptq::gptq_linear_fused_triton`` (an RMSNorm before, a residual after: passes/fuse_norm_residual.py) runs the
+same launcher: the gemv folds both in, the wdot kernel the residual; elsewhere they are torch ops around the matmul.
 The kernels assume ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile is one group (one row of
 scales/zeros), and check it while they stream the weights; a program where it is not redoes its rows with a loop
 where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at
@@ -232,7 +234,8 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
             residual if residual is not None else scales, y, part, locks,
             m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, 0x4B000000, 16,
-            BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // bk,
+            BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SPLIT=split > 1,
+            GROUP_TILES=0 if gs >= k else gs // bk,
             EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
             MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
