@@ -430,7 +430,8 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                ZW="i32", stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
-    const = dict(BITS=bits, HAS_BIAS=False, RESIDUAL=False, SPLIT=split > 1, GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
+    const = dict(BITS=bits, HAS_BIAS=False, RESIDUAL=False, SPLIT=split > 1,
+                 GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"],
                  MAGIC16=half_word_magic(dict(bf16=torch.bfloat16, fp16=torch.float16).get(dtype), bits,
@@ -459,7 +460,8 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                nw_ptr=f"*{dtype}", res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", ss_ptr="*fp32",
                lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32", half_shift="i32", eps="fp32")
-    const = dict(BITS=bits, HAS_BIAS=False, NORM=fused, RESIDUAL=fused, SPLIT=split > 1, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
+    const = dict(BITS=bits, HAS_BIAS=False, NORM=fused, RESIDUAL=fused, SPLIT=split > 1,
+                 FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
