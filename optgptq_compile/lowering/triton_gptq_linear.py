@@ -130,9 +130,6 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual last. ``config`` overrides ``pick_config``
     (benchmarks). The gemv fuses the norm and the residual, the decode-batch dot kernel the residual; otherwise
     they are torch ops around the kernel (``F.rms_norm`` is one fused aten kernel on CUDA)."""
-    if norm_weight is not None and not _gemv_fuses(x, scales, bits, group_size, config):
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
-        norm_weight = None
     k, n = x.shape[-1], scales.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
@@ -140,6 +137,9 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     m = x2.shape[0]
     cfg = dict(config) if config is not None else pick_config(m, n, k, bits, group_size, num_sms(device_index(x)))
     kind = cfg.pop("KERNEL")
+    if norm_weight is not None and kind != "gemv":  # only the gemv folds the norm in
+        x2 = torch.nn.functional.rms_norm(x2, (k,), norm_weight, eps)
+        norm_weight = None
     mod = kernels("triton_gptq_linear_kernel")
     launch = not tracing_interpreted(x)
     gs = k if group_size == -1 else group_size
@@ -240,13 +240,6 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
             MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
-
-
-def _gemv_fuses(x, scales, bits, group_size, config) -> bool:
-    """This call runs the gemv kernel, which fuses an RMSNorm before and a residual after it."""
-    m = x.numel() // max(x.shape[-1], 1)
-    kind = (config or pick_config(m, scales.shape[-1], x.shape[-1], bits, group_size))["KERNEL"]
-    return kind == "gemv"
 
 
 def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight=None, eps=0.0,
