@@ -92,17 +92,22 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="decode steps profiled")
     ap.add_argument("--inline-triton", action="store_true")
     ap.add_argument("--cuda-graphs", action="store_true", help="profile graph replays; write the kernel timeline")
+    ap.add_argument("--optgptq-options", default="{}", help="JSON merged into the backend options, e.g. "
+                    "'{\"fuse_norm_residual\": false}'")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    extra_options = json.loads(args.optgptq_options)
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA/ROCm GPU")
     os.makedirs(args.out, exist_ok=True)
-    tag = ("inlined" if args.inline_triton else "opaque") + ("_graphs" if args.cuda_graphs else "")
+    tag = ("inlined" if args.inline_triton else "opaque") + ("_graphs" if args.cuda_graphs else "") + f"_b{args.batch}"
+    tag += "".join(f"_{k}={v}" for k, v in sorted(extra_options.items()))
     if args.inline_triton:
         os.environ["OPTGPTQ_INLINE_TRITON"] = "1"
     model = model_7b(args.layers)
     prompts = [list(range(3, 3 + args.context))] * args.batch
-    result = {"layers": args.layers, "batch": args.batch, "context": args.context, "triton_ops": tag}
+    result = {"layers": args.layers, "batch": args.batch, "context": args.context, "triton_ops": tag,
+              "options": extra_options}
     log_text = []
     handler = logging.Handler()
     handler.emit = lambda record: log_text.append(record.getMessage())
@@ -110,7 +115,7 @@ def main():
     log.setLevel(logging.DEBUG)  # the backend logs each pass's time at debug level
     start = time.perf_counter()
     with torch.inference_mode():
-        compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 128})
+        compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 128, **extra_options})
         engine = build_engine(compiled, prompts, 64, max_batch_size=args.batch, stop_at_eos=False,
                               cuda_graphs=args.cuda_graphs)
         for step in ("prefill", "first_decode", "second_decode"):  # the first two compile a graph each

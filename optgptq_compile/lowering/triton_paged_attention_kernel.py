@@ -186,12 +186,12 @@ def paged_attention_reduce_kernel(
 @triton.jit
 def kv_write_kernel(
     k_ptr,  # [T, Hkv, D], last dim contiguous
-    v_ptr,  # [T, Hkv, D], same strides as k
+    v_ptr,  # [T, Hkv, D], last dim contiguous (its own strides: v is often a view of the fused qkv output)
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k_cache
     slot_ptr,  # int64 [T], -1 = padding row, not stored
     T,
-    stride_kt, stride_kh, stride_cb, stride_cs, stride_ch,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One program per BLOCK_T tokens of one KV head: rows [T, D] scattered to their slots."""
@@ -200,10 +200,11 @@ def kv_write_kernel(
     d = tl.arange(0, D_PAD)  # [DP]
     slot = tl.load(slot_ptr + tok, mask=tok < T, other=-1)  # [BT] int64
     store_ok = slot >= 0
-    src = tok.to(tl.int64)[:, None] * stride_kt + head * stride_kh + d[None, :]  # [BT, DP]
+    k_src = tok.to(tl.int64)[:, None] * stride_kt + head * stride_kh + d[None, :]  # [BT, DP]
+    v_src = tok.to(tl.int64)[:, None] * stride_vt + head * stride_vh + d[None, :]  # [BT, DP]
     dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head * stride_ch)[:, None] + d[None, :]
     mask = store_ok[:, None] & (d < HEAD_DIM)[None, :]  # padding rows are neither read nor stored
-    k = tl.load(k_ptr + src, mask=mask, other=0.0)
-    v = tl.load(v_ptr + src, mask=mask, other=0.0)
+    k = tl.load(k_ptr + k_src, mask=mask, other=0.0)
+    v = tl.load(v_ptr + v_src, mask=mask, other=0.0)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -194,6 +194,20 @@ def test_kv_write_all_padding_and_strided_input():
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
+def test_kv_write_k_and_v_with_different_strides():
+    # a decode batch's v is a view of the fused qkv output (row stride 3 x heads x dim) while k comes out of RoPE
+    # contiguous; the kernel reads each with its own strides instead of copying both
+    k_cache, v_cache = torch.randn(4, 8, 2, 64, dtype=torch.float16), torch.randn(4, 8, 2, 64, dtype=torch.float16)
+    before = (k_cache.clone(), v_cache.clone())
+    qkv = torch.randn(5, 3, 2, 64, dtype=torch.float16)
+    k, v = torch.randn(5, 2, 64, dtype=torch.float16), qkv[:, 2]
+    assert k.stride() != v.stride()
+    slots = torch.tensor([3, 17, -1, 30, 8])
+    T.kv_write_launch(k, v, k_cache, v_cache, slots)
+    torch_kv_write(k, v, *before, slots)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the ops: opcheck, errors, the runtime end to end
 
