@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import triton  # noqa: F401  (lowering/__init__ registers this module only where triton imports)
+import triton  # lowering/__init__ registers this module only where triton imports
 from torch.library import triton_op, wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -129,7 +129,7 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias), or with ``norm_weight`` / ``residual``
     (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual last. ``config`` overrides ``pick_config``
     (benchmarks). The gemv fuses the norm and the residual, the decode-batch dot kernel the residual; otherwise
-    they are torch ops around the kernel (``F.rms_norm`` is one fused aten kernel on CUDA)."""
+    the norm is ``rms_norm_kernel`` before the matmul and the residual an add after it."""
     k, n = x.shape[-1], scales.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
@@ -138,7 +138,7 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     cfg = dict(config) if config is not None else pick_config(m, n, k, bits, group_size, num_sms(device_index(x)))
     kind = cfg.pop("KERNEL")
     if norm_weight is not None and kind != "gemv":  # only the gemv folds the norm in
-        x2 = torch.nn.functional.rms_norm(x2, (k,), norm_weight, eps)
+        x2 = rms_norm(x2, norm_weight, eps)
         norm_weight = None
     mod = kernels("triton_gptq_linear_kernel")
     launch = not tracing_interpreted(x)
@@ -188,6 +188,20 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     if atomic:
         y = y.to(x.dtype)
     return _add_residual(y.reshape(*x.shape[:-1], n), residual)
+
+
+RMS_NORM_BLOCK = 4096  # one chunk per pass at a 7B hidden size; 4 warps hold 32 values a thread
+
+
+def rms_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Launcher: HF RMSNorm of each row of x2 [M, K] (last dim contiguous) -> new [M, K], one program a row."""
+    m, k = x2.shape
+    out = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    if m and not tracing_interpreted(x2):
+        block = min(RMS_NORM_BLOCK, triton.next_power_of_2(k))
+        wrap_triton(kernels("triton_rms_norm_kernel").rms_norm_kernel)[(m,)](
+            x2, weight, out, k, x2.stride(0), float(eps), BLOCK=block, num_warps=4 if block >= 1024 else 1)
+    return out
 
 
 def _add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
@@ -376,7 +390,8 @@ VARIANTS = {
 def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, options) for ahead-of-time compiles of every kernel variant the launcher
     picks for the Llama-7B up projection (11008x4096): gemv (M=1), the dot kernel's interleaved (4 and 8 bits, g128),
-    reshape (g32) and 3-bit paths, and the prefill dequant kernel. Used by tests/lowering/test_aot_compile.py."""
+    reshape (g32) and 3-bit paths, the prefill dequant kernel, and the RMSNorm kernel of the fused op at M > 1. Used
+    by tests/lowering/test_aot_compile.py."""
     mod = kernels("triton_gptq_linear_kernel")
     specs = []
     n, k = 11008, 4096
@@ -411,6 +426,10 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
                          INTERLEAVE=bits != 3 and cfg["BLOCK_K"] * bits // 32 >= 16, NUM_STAGES=opts["num_stages"])
         sig.update({name: "constexpr" for name in const})
         specs.append((label, fn, sig, const, opts))
+    block = min(RMS_NORM_BLOCK, triton.next_power_of_2(k))  # the fused op's norm at M > 1
+    specs.append((f"rms_norm k{k}", kernels("triton_rms_norm_kernel").rms_norm_kernel,
+                  dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", K="i32", stride_xm="i32",
+                       eps="fp32", BLOCK="constexpr"), dict(BLOCK=block), dict(num_warps=4)))
     return specs
 
 

@@ -357,10 +357,32 @@ def test_fused_opcheck(m):
 @pytest.mark.parametrize("split", [1, 3])
 def test_fused_residual_in_the_decode_batch_dot(split):
     """gptq_dot_kernel (M = 2..64) adds the residual in its epilogue (both the split-K last program and one split);
-    the norm runs as F.rms_norm before it."""
+    the norm runs as rms_norm_kernel before it."""
     w = _weights(80, 448, 4, 32, False, seed=8)
     cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=split)
     g = torch.Generator().manual_seed(10)
     x = (torch.randn(20, 448, generator=g) * 3).half()
     _check_fused(w, x, (torch.rand(448, generator=g) + 0.5).half(), torch.randn(20, 80, generator=g).half(),
                  torch.randn(80, generator=g).half(), cfg)
+
+
+# K: 320 and 4096 (one chunk, masked / exact), 700 with 256-wide chunks (3 passes, a ragged last one); rows of a
+# wider buffer (stride != K); x scaled so its rms is far from 1 and eps large enough to change the result
+@pytest.mark.parametrize("m,k,block,dtype", [(1, 320, 4096, torch.float16), (5, 4096, 4096, torch.float16),
+                                             (3, 700, 256, torch.float32), (4, 320, 128, torch.bfloat16)])
+def test_rms_norm_kernel(m, k, block, dtype, monkeypatch):
+    from optgptq_compile.lowering.gptq_linear import torch_rms_norm
+
+    monkeypatch.setattr(T, "RMS_NORM_BLOCK", block)
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(m, k + 16, generator=g) * 0.3).to(dtype)[:, 8:8 + k]  # row stride k + 16
+    w = (torch.rand(k, generator=g) + 0.5).to(dtype)
+    eps = 0.05
+    y = T.rms_norm(x, w, eps)
+    ref = torch_rms_norm(x, w, eps)
+    assert y.dtype == dtype and y.shape == (m, k) and y.is_contiguous()
+    # fp32 sums in another order: one rounding step of the activation dtype apart; two for bf16, which the
+    # interpreter converts by truncation (the GPU rounds to nearest)
+    torch.testing.assert_close(y, ref, rtol={torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 2**-6), atol=0)
+    far = torch_rms_norm(x, w, 1e-6)
+    assert (far - ref).abs().max() > 10 * (y.double() - ref.double()).abs().max()  # eps is visible in the check
