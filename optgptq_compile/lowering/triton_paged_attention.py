@@ -16,7 +16,6 @@ fit 64 KB of LDS on AMD.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
