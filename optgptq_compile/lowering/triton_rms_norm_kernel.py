@@ -29,7 +29,7 @@ def rms_norm_kernel(
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
         ss += x * x
-    inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / K + tl.cast(eps, tl.float32))  # eps: fp64 from Inductor's launcher
     for k0 in range(0, K, BLOCK):
         mask = k0 + cols < K
         x = tl.load(x_row + k0 + cols, mask=mask, other=0.0)
