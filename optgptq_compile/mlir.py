@@ -99,13 +99,16 @@ def decompose_gptq_linear(
 
 
 def decompose_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits,
-                                group_size):
-    """``optgptq::gptq_linear_fused`` in aten ops: HF's RMSNorm, ``decompose_gptq_linear``, the residual add."""
-    from .lowering.gptq_linear import torch_rms_norm
+                                group_size, act="none"):
+    """``optgptq::gptq_linear_fused`` in aten ops: HF's RMSNorm, ``decompose_gptq_linear``, silu(gate) * up or the
+    residual add."""
+    from .lowering.gptq_linear import torch_rms_norm, torch_silu_mul
 
     if norm_weight is not None:
         x = torch_rms_norm(x, norm_weight, eps)
     y = decompose_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
+    if act == "silu_mul":
+        y = torch_silu_mul(y)
     return y + residual if residual is not None else y
 
 

@@ -81,12 +81,22 @@ def _gptq_linear_fake(x, qweight, qzeros, scales, g_idx, bias, bits, group_size)
 # optgptq::gptq_linear_fused: the linear with the RMSNorm before it and the residual add after it (passes/
 # fuse_norm_residual.py). At decode a Llama layer's two "residual add + RMSNorm" kernels then disappear into the
 # GEMVs around them: the norm's sum of squares is summed with the GEMV's K splits, its 1/rms scales the outputs.
+# ``act="silu_mul"`` (passes/fuse_silu_mul.py) takes the gate/up projection's output apart in the epilogue: the
+# first half of the columns is the gate, the second the up projection, and the op returns silu(gate) * up (N / 2).
+
+ACTS = ("none", "silu_mul")
 
 
 def check_fused_extras(x: torch.Tensor, norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                       n: int) -> None:
-    """Raise a ValueError naming the norm weight or residual that does not fit x [..., K] -> y [..., N]."""
+                       n: int, act: str = "none") -> None:
+    """Raise a ValueError naming the norm weight, residual or activation that does not fit x [..., K] -> y [..., N]
+    (N the weight's columns; the output has N / 2 with ``act="silu_mul"``)."""
     k = x.shape[-1]
+    if act not in ACTS:
+        raise ValueError(f"gptq_linear_fused: unknown act {act!r}; expected one of {ACTS}")
+    if act == "silu_mul" and (n % 2 or residual is not None):
+        raise ValueError(f"gptq_linear_fused: act='silu_mul' needs an even number of columns (gate then up), got "
+                         f"{n}, and no residual, got {None if residual is None else tuple(residual.shape)}")
     if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
         raise ValueError(f"gptq_linear_fused: norm_weight {tuple(norm_weight.shape)} {norm_weight.dtype} must be "
                          f"[{k}] {x.dtype} (x's features and dtype)")
@@ -102,12 +112,27 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * h.to(x.dtype)
 
 
-def torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits):
-    """Reference: ``rms_norm(x)`` (when ``norm_weight`` is given), the gptq_linear reference, ``+ residual``."""
+def torch_silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """HF's ``act_fn(gate) * up`` for y = [gate | up] along the last dim, in y's dtype as HF rounds it."""
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits,
+                            act: str = "none"):
+    """Reference: ``rms_norm(x)`` (when ``norm_weight`` is given), the gptq_linear reference, then
+    ``silu(gate) * up`` (act="silu_mul") or ``+ residual``."""
     if norm_weight is not None:
         x = torch_rms_norm(x, norm_weight, eps)
     y = torch_gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits)
+    if act == "silu_mul":
+        y = torch_silu_mul(y)
     return y + residual if residual is not None else y
+
+
+def fused_out_features(n: int, act: str) -> int:
+    """The fused op's output features for a weight of ``n`` columns."""
+    return n // 2 if act == "silu_mul" else n
 
 
 @torch.library.custom_op("optgptq::gptq_linear_fused", mutates_args=())
@@ -123,15 +148,17 @@ def gptq_linear_fused(
     residual: Optional[torch.Tensor],
     bits: int,
     group_size: int,
+    act: str = "none",
 ) -> torch.Tensor:
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
-    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
-    return torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual,
-                                   bits).contiguous()
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1], act)
+    return torch_gptq_linear_fused(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits,
+                                   act).contiguous()
 
 
 @gptq_linear_fused.register_fake
-def _gptq_linear_fused_fake(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits, group_size):
+def _gptq_linear_fused_fake(x, norm_weight, eps, qweight, qzeros, scales, g_idx, bias, residual, bits, group_size,
+                            act="none"):
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
-    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
-    return x.new_empty(*x.shape[:-1], scales.shape[-1])
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1], act)
+    return x.new_empty(*x.shape[:-1], fused_out_features(scales.shape[-1], act))

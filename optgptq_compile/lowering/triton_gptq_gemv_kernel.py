@@ -36,6 +36,11 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
   each x value; the sum of x**2 over a program's rows rides along with the zero-point sum, is stored next to the
   partials (one value per split and column tile) and summed by the last split, which then knows r for the whole
   row. So the Llama layer's "residual add + RMSNorm" kernels vanish into the GEMVs on either side of them.
+* silu(gate) * up (SILU_MUL, ``act="silu_mul"``): the weight's columns are [gate | up], so column tile t (gate) and
+  t + tiles / 2 (up) hold the two halves of the same outputs. Both count their splits on one counter; the last of
+  the 2 x splits programs to arrive reduces both tiles' partial sums and writes y[t's columns] = silu(g) * u,
+  rounding g, u and silu(g) to x's dtype as HF's MLP does. The loop is unchanged (weights stay in place); the
+  launcher keeps the split-K path even for one split and needs N / 2 to be a multiple of BLOCK_N.
 """
 
 import triton
@@ -205,7 +210,8 @@ def gptq_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     NORM: tl.constexpr,  # x is RMSNorm(x) * w: scale by w per row, 1/rms per output (see the module docstring)
     RESIDUAL: tl.constexpr,  # y += residual
-    SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
+    SILU_MUL: tl.constexpr,  # y [N/2] = silu(gate) * up of the [gate | up] columns (needs SPLIT; see above)
+    SPLIT: tl.constexpr,  # partial sums per program along K, the last program of a tile (or tile pair) reduces
     FAST_OK: tl.constexpr,  # BLOCK_K divides group_size (or one group): a tile is one group if g_idx is plain
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K, 0 for one group (a constant: no integer division per tile)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
@@ -264,31 +270,73 @@ def gptq_gemv_kernel(
         acc, ss = _any_group_loop(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, N, K, ZW, k_start,
                                   k_end, BITS, NORM)
 
+    tl.static_assert(SPLIT or not SILU_MUL, "SILU_MUL reduces the gate and up tiles through the split-K path")
     if SPLIT:
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mask_n)
         if NORM:
             tl.store(ss_ptr + pid_k * tl.num_programs(0) + pid_n, ss)
         tl.debug_barrier()  # every thread's partial sums are stored before the release below
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         splits = tl.num_programs(1)
-        if arrived == splits - 1:  # the last split of this column tile: reduce, in split order
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i0 in range(0, splits, REDUCE_ROWS):  # REDUCE_ROWS partial rows per load: one L2 round trip each
-                i = i0 + tl.arange(0, REDUCE_ROWS)  # [R]
-                rmask = (i < splits)[:, None] & mask_n[None, :]
-                part = tl.load(part_ptr + i[:, None] * N + offs_n[None, :], mask=rmask, other=0.0,
-                               cache_modifier=".cg")  # [R, BN]; .cg: from L2, never a stale L1 line
-                acc += tl.sum(part, axis=0)
-            if NORM:  # the whole row's sum of x**2: every split's share, for this column tile
-                ss = tl.full((), 0.0, tl.float32)
-                for i0 in range(0, splits, REDUCE_ROWS):
-                    i = i0 + tl.arange(0, REDUCE_ROWS)  # [R]
-                    ss += tl.sum(tl.load(ss_ptr + i * tl.num_programs(0) + pid_n, mask=i < splits, other=0.0,
-                                         cache_modifier=".cg"), axis=0)
-            _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, NORM, RESIDUAL)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)  # zero again for the next launch
+        if SILU_MUL:  # gate tile t and up tile t + pairs share counter t
+            pairs = tl.num_programs(0) // 2
+            tile = pid_n % pairs
+            arrivals = 2 * splits
+        else:
+            tile = pid_n
+            arrivals = splits
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == arrivals - 1:  # the last split of this column tile (pair): reduce, in split order
+            if NORM:  # the whole row's sum of x**2: every split's share, for column tile ``tile``
+                one = tl.full((1,), 0, tl.int32)
+                ss = tl.sum(_sum_splits(ss_ptr + tile, tl.num_programs(0), one, one == 0, splits, REDUCE_ROWS, 1),
+                            axis=0)
+            if SILU_MUL:
+                offs_g = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] gate columns; up: + N // 2
+                mask_g = offs_g < N // 2
+                g = _scaled(_sum_splits(part_ptr, N, offs_g, mask_g, splits, REDUCE_ROWS, BLOCK_N), ss, eps, K,
+                            b_ptr, offs_g, mask_g, HAS_BIAS, NORM)
+                u = _scaled(_sum_splits(part_ptr, N, N // 2 + offs_g, mask_g, splits, REDUCE_ROWS, BLOCK_N), ss,
+                            eps, K, b_ptr, N // 2 + offs_g, mask_g, HAS_BIAS, NORM)
+                tl.store(y_ptr + offs_g, _silu_mul(g, u, y_ptr.dtype.element_ty), mask=mask_g)
+            else:
+                acc = _sum_splits(part_ptr, N, offs_n, mask_n, splits, REDUCE_ROWS, BLOCK_N)
+                _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, NORM, RESIDUAL)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # zero again for the next launch
     else:
         _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS, NORM, RESIDUAL)
+
+
+@triton.jit
+def _sum_splits(ptr, row_stride, offs, mask, splits, REDUCE_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """sum over i < splits of ptr[i * row_stride + offs] (fp32 [BLOCK], masked), in split order, REDUCE_ROWS rows
+    per load: one L2 round trip each (a loop of one row per load waited one per split)."""
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, splits, REDUCE_ROWS):
+        i = i0 + tl.arange(0, REDUCE_ROWS)  # [R]
+        part = tl.load(ptr + i[:, None] * row_stride + offs[None, :], mask=(i < splits)[:, None] & mask[None, :],
+                       other=0.0, cache_modifier=".cg")  # [R, BLOCK]; .cg: from L2, never a stale L1 line
+        total += tl.sum(part, axis=0)
+    return total
+
+
+@triton.jit
+def _scaled(acc, ss, eps, K, b_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    """acc / rms (NORM) + bias, fp32. acc [BN] over all of K, ss the row's sum of x**2 (NORM)."""
+    if NORM:
+        acc *= tl.rsqrt(ss / K + tl.cast(eps, tl.float32))  # eps: an fp64 scalar from Inductor's launcher
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _silu_mul(g, u, DT: tl.constexpr):
+    """HF's act_fn(gate) * up on fp32 sums: gate and up rounded to DT (the projections' outputs), silu(gate) in fp32
+    rounded to DT, the product rounded to DT."""
+    g = g.to(DT).to(tl.float32)
+    u = u.to(DT).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+    return (act * u).to(DT)
 
 
 @triton.jit
@@ -296,10 +344,7 @@ def _epilogue(acc, ss, eps, K, b_ptr, res_ptr, y_ptr, offs_n, mask_n, HAS_BIAS: 
               RESIDUAL: tl.constexpr):
     """y = acc / rms (NORM) + bias + residual, stored in y's dtype. acc [BN] fp32 over all of K, ss the row's sum of
     x**2 (NORM)."""
-    if NORM:
-        acc *= tl.rsqrt(ss / K + tl.cast(eps, tl.float32))  # eps: an fp64 scalar from Inductor's launcher
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = _scaled(acc, ss, eps, K, b_ptr, offs_n, mask_n, HAS_BIAS, NORM)
     if RESIDUAL:
         acc += tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)

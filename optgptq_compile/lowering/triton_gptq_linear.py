@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import pack_rows, unpack_rows
 from .gptq_linear import check_fused_extras, check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference)
+from .gptq_linear import torch_silu_mul
 from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,20 +117,22 @@ def gptq_linear_fused_triton(
     residual: Optional[torch.Tensor],
     bits: int,
     group_size: int,
+    act: str = "none",
 ) -> torch.Tensor:
     check_gptq_shapes(x, qweight, qzeros, scales, g_idx, bias, bits)
-    check_fused_extras(x, norm_weight, residual, scales.shape[-1])
+    check_fused_extras(x, norm_weight, residual, scales.shape[-1], act)
     check_device(x, "gptq_linear_fused_triton")
     return gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, norm_weight=norm_weight, eps=eps,
-                       residual=residual)
+                       residual=residual, act=act)
 
 
 def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, config: Optional[dict] = None,
-                norm_weight=None, eps: float = 0.0, residual=None):
-    """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias), or with ``norm_weight`` / ``residual``
-    (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual last. ``config`` overrides ``pick_config``
-    (benchmarks). The gemv fuses the norm and the residual, the decode-batch dot kernel the residual; otherwise
-    the norm is ``rms_norm_kernel`` before the matmul and the residual an add after it."""
+                norm_weight=None, eps: float = 0.0, residual=None, act: str = "none"):
+    """Launcher: y[..., N] = x[..., K] @ dequant(W) (+ bias), or with ``norm_weight`` / ``residual`` / ``act``
+    (``optgptq::gptq_linear_fused``) rms_norm(x) first and + residual or silu(gate) * up last. ``config`` overrides
+    ``pick_config`` (benchmarks). The gemv fuses the norm, the residual and silu * mul, the decode-batch dot kernel
+    the residual and silu * mul (where N / 2 is a multiple of its column tile); otherwise the norm is
+    ``rms_norm_kernel`` before the matmul and the rest torch ops after it."""
     k, n = x.shape[-1], scales.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
@@ -143,11 +146,14 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     mod = kernels("triton_gptq_linear_kernel")
     launch = not tracing_interpreted(x)
     gs = k if group_size == -1 else group_size
+    silu = act == "silu_mul"
     if kind == "gemv":
         if residual is not None:
             residual = residual.reshape(n).contiguous()
-        return _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight, eps,
-                     residual).reshape(*x.shape[:-1], n)
+        in_kernel = silu and (n // 2) % cfg["BLOCK_N"] == 0  # whole column tiles per half: tiles pair up
+        y = _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight, eps, residual,
+                  silu_mul=in_kernel)
+        return _silu_mul_after(y, silu and not in_kernel).reshape(*x.shape[:-1], -1)
     if kind == "dequant":  # prefill: one pass to a dense weight, then cuBLAS/hipBLASLt
         w = x.new_empty(k, n)  # [K, N]
         grid = (-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))
@@ -157,13 +163,14 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
         y = torch.mm(x2, w)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return _add_residual(y.reshape(*x.shape[:-1], n), residual)
+        return _add_residual(_silu_mul_after(y, silu).reshape(*x.shape[:-1], -1), residual)
     if kind == "wdot":
         if _wdot_ok(x, bits, gs, k, cfg["BLOCK_K"]):
             if residual is not None:
                 residual = residual.reshape(m, n).contiguous()  # y's strides
-            return _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch,
-                         residual).reshape(*x.shape[:-1], n)
+            in_kernel = silu and (n // 2) % cfg["BLOCK_N"] == 0
+            y = _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, residual, silu_mul=in_kernel)
+            return _silu_mul_after(y, silu and not in_kernel).reshape(*x.shape[:-1], -1)
         # fp32 activations (exact IEEE dot), or a group size no tile divides: gptq_matmul_kernel
         cfg = dict(BLOCK_M=16, BLOCK_N=min(cfg["BLOCK_N"], 256), BLOCK_K=cfg["BLOCK_K"], GROUP_M=1,
                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SPLIT_K=cfg["SPLIT_K"])
@@ -187,7 +194,12 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
                                                   **cfg)
     if atomic:
         y = y.to(x.dtype)
-    return _add_residual(y.reshape(*x.shape[:-1], n), residual)
+    return _add_residual(_silu_mul_after(y, silu).reshape(*x.shape[:-1], -1), residual)
+
+
+def _silu_mul_after(y: torch.Tensor, apply: bool) -> torch.Tensor:
+    """silu(gate) * up as torch ops, for the kernels without it in their epilogue (or a tile that splits a half)."""
+    return torch_silu_mul(y) if apply else y
 
 
 RMS_NORM_BLOCK = 4096  # one chunk per pass at a 7B hidden size; 4 warps hold 32 values a thread
@@ -229,9 +241,10 @@ def _wdot_ok(x, bits, gs, k, bk) -> bool:
     return bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16) and gs > 0 and (gs % bk == 0 or gs >= k)
 
 
-def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, residual=None):
+def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, residual=None, silu_mul=False):
     """M = 2..64: ``gptq_dot_kernel`` over (row blocks, column tiles, K splits) programs. y [M, N] in x's dtype
-    (+ ``residual`` [M, N], contiguous)."""
+    (+ ``residual`` [M, N], contiguous), or with ``silu_mul`` y [M, N / 2] = silu(gate) * up (N / 2 a multiple of
+    BLOCK_N; the split-K path even for one split: the gate and up tiles meet there)."""
     m, k = x2.shape
     n = scales.shape[-1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -239,16 +252,17 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     grid = (-(-m // bm), -(-n // bn), split)
-    y = x2.new_empty(m, n)  # [M, N]
-    part = x2.new_empty(split, m, n, dtype=torch.float32) if split > 1 else y  # [splits, M, N] partial sums
-    locks = _split_locks(x2, grid[0] * grid[1]) if split > 1 else g_idx
+    y = x2.new_empty(m, n // 2 if silu_mul else n)  # [M, N] (N / 2 with silu_mul)
+    reduce = split > 1 or silu_mul
+    part = x2.new_empty(split, m, n, dtype=torch.float32) if reduce else y  # [splits, M, N] partial sums
+    locks = _split_locks(x2, grid[0] * grid[1]) if reduce else g_idx
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dot_kernel)[grid](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
             residual if residual is not None else scales, y, part, locks,
             m, n, k, qzeros.shape[1], x2.stride(0), y.stride(0), k_per_split, 0x4B000000, 16,
-            BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SPLIT=split > 1,
+            BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SILU_MUL=silu_mul, SPLIT=reduce,
             GROUP_TILES=0 if gs >= k else gs // bk,
             EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
             MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
@@ -257,9 +271,10 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
 
 
 def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight=None, eps=0.0,
-          residual=None):
+          residual=None, silu_mul=False):
     """M == 1: ``gptq_gemv_kernel`` over (column tiles, K splits) programs. y [1, N] in x's dtype; with
-    ``norm_weight`` [K] x is RMSNorm-ed first, with ``residual`` [N] it is added last."""
+    ``norm_weight`` [K] x is RMSNorm-ed first, with ``residual`` [N] it is added last, with ``silu_mul`` y [1, N / 2]
+    is silu(gate) * up (N / 2 a multiple of BLOCK_N; the split-K path even for one split)."""
     k, n = x2.shape[1], scales.shape[-1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
@@ -267,13 +282,14 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     tiles = -(-n // bn)
-    y = x2.new_empty(1, n)  # [1, N]
-    part = x2.new_empty(split, n, dtype=torch.float32) if split > 1 else y  # [splits, N] partial sums
+    y = x2.new_empty(1, n // 2 if silu_mul else n)  # [1, N] (N / 2 with silu_mul)
+    reduce = split > 1 or silu_mul
+    part = x2.new_empty(split, n, dtype=torch.float32) if reduce else y  # [splits, N] partial sums
     norm = norm_weight is not None
     if norm:
         norm_weight = norm_weight.contiguous()  # read as int32 pairs, like x
-    ss = x2.new_empty(split, tiles, dtype=torch.float32) if split > 1 and norm else y  # [splits, tiles] sums of x**2
-    locks = _split_locks(x2, tiles) if split > 1 else g_idx
+    ss = x2.new_empty(split, tiles, dtype=torch.float32) if reduce and norm else y  # [splits, tiles] sums of x**2
+    locks = _split_locks(x2, tiles) if reduce else g_idx
     fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
@@ -281,7 +297,8 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
             norm_weight if norm else scales, residual if residual is not None else scales, y, part, ss, locks,
             n, k, qzeros.shape[1], k_per_split, 16, float(eps),
-            BITS=bits, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None, SPLIT=split > 1,
+            BITS=bits, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+            SPLIT=reduce,
             FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
@@ -402,6 +419,8 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         label = f"{kind} m{m} {bits}bit g{group}"
         if kind == "wdot":
             specs.append(wdot_aot_spec(m, n, k, bits, group, cfg, dtype))
+            if m == 16 and bits == 4:  # the gate/up form of a decode batch
+                specs.append(wdot_aot_spec(m, n, k, bits, group, cfg, dtype, silu_mul=True))
             continue
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         ptrs = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32",
@@ -414,8 +433,9 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
             const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
         elif kind == "gemv":
             specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
-            if bits == 4:  # the decode layer's form: RMSNorm and residual folded in
+            if bits == 4:  # the decode layer's forms: RMSNorm and residual folded in; RMSNorm and silu * mul
                 specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, fused=True))
+                specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, silu_mul=True))
             continue
         else:
             fn = mod.gptq_matmul_kernel
@@ -433,16 +453,18 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
     return specs
 
 
-def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16"):
+def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16",
+                  silu_mul: bool = False):
     """The ahead-of-time compile spec of ``gptq_dot_kernel`` for one shape and config (label "dot ..." so the AOT
     test asserts tensor-core instructions), with the divisibility attributes the JIT infers from 16-byte aligned
-    tensors and sizes, so the build is the one the GPU runs (vectorized, pipelined loads)."""
+    tensors and sizes, so the build is the one the GPU runs (vectorized, pipelined loads). ``silu_mul``: the gate/up
+    form (``act="silu_mul"``)."""
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(m, n, k, cfg, 132)
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                ZW="i32", stride_xm="i32", stride_ym="i32", k_per_split="i32", magic="i32", half_shift="i32")
-    const = dict(BITS=bits, HAS_BIAS=False, RESIDUAL=False, SPLIT=split > 1,
+    const = dict(BITS=bits, HAS_BIAS=False, RESIDUAL=False, SILU_MUL=silu_mul, SPLIT=split > 1 or silu_mul,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"],
@@ -456,24 +478,26 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
     label = (f"dot wdot m{m} {bits}bit g{group} bm{cfg['BLOCK_M']} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} "
-             f"w{cfg['num_warps']} s{cfg['num_stages']}{' half-words' if const['MAGIC16'] else ''}")
+             f"w{cfg['num_warps']} s{cfg['num_stages']}{' half-words' if const['MAGIC16'] else ''}"
+             f"{' silu_mul' if silu_mul else ''}")
     return (label, kernels("triton_gptq_linear_kernel").gptq_dot_kernel, sig, const,
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))
 
 
-def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16", fused: bool = False):
+def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str = "bf16", fused: bool = False,
+                  silu_mul: bool = False):
     """The ahead-of-time compile spec of ``gptq_gemv_kernel`` for one shape and config (also used by
     benchmarks/sass_loop.py), with the divisibility attributes the JIT infers from 16-byte aligned tensors and
     sizes, so the build is the one the GPU runs (vectorized, pipelined loads). ``fused``: with the RMSNorm and the
-    residual folded in (``gptq_linear_fused``)."""
+    residual folded in (``gptq_linear_fused``); ``silu_mul``: the gate/up form, the RMSNorm and silu(gate) * up."""
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                                            132, per_sm=cfg.get("PER_SM", 4))
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                nw_ptr=f"*{dtype}", res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", ss_ptr="*fp32",
                lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32", half_shift="i32", eps="fp32")
-    const = dict(BITS=bits, HAS_BIAS=False, NORM=fused, RESIDUAL=fused, SPLIT=split > 1,
-                 FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
+    const = dict(BITS=bits, HAS_BIAS=False, NORM=fused or silu_mul, RESIDUAL=fused and not silu_mul,
+                 SILU_MUL=silu_mul, SPLIT=split > 1 or silu_mul, FAST_OK=gs % cfg["BLOCK_K"] == 0 or gs >= k,
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
@@ -484,6 +508,6 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({name: "constexpr" for name in const})
     label = (f"gemv m1 {bits}bit g{group} bn{cfg['BLOCK_N']} bk{cfg['BLOCK_K']} w{cfg['num_warps']}"
-             f"{' norm+residual' if fused else ''}")
+             f"{' norm+silu_mul' if silu_mul else ' norm+residual' if fused else ''}")
     return (label, kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel, sig, const,
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), dict(attrs=attrs))

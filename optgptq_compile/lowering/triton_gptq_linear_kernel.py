@@ -11,6 +11,11 @@ so the software pipeliner can prefetch every load.
 import triton
 import triton.language as tl
 
+from .triton_utils import kernels
+
+# through kernels(): an interpreted copy of this module must call the interpreted helper, not the JIT one
+_silu_mul = kernels("triton_gptq_gemv_kernel")._silu_mul
+
 
 @triton.jit
 def _bits_at(ptr, bit, row_stride, mask, BITS: tl.constexpr):
@@ -294,7 +299,8 @@ def gptq_dot_kernel(
     BITS: tl.constexpr,  # 2, 4 or 8
     HAS_BIAS: tl.constexpr,
     RESIDUAL: tl.constexpr,  # y += residual (gptq_linear_fused: the residual add after o_proj / down_proj)
-    SPLIT: tl.constexpr,  # more than one program along K: partial sums, the last program of a tile reduces
+    SILU_MUL: tl.constexpr,  # y [M, N/2] = silu(gate) * up of the [gate | up] columns (needs SPLIT; see below)
+    SPLIT: tl.constexpr,  # partial sums per program along K, the last program of a tile (or tile pair) reduces
     GROUP_TILES: tl.constexpr,  # group_size // BLOCK_K (BLOCK_K divides the group), 0 for one group
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no column masks
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no row masks
@@ -313,7 +319,9 @@ def gptq_dot_kernel(
     applied to the tile's fp32 result (each tile is one group). The check that g_idx is k // group_size is one
     compare per row per tile, reduced once after the loop; a program where it fails redoes its rows one input
     channel at a time. Split-K: each split stores fp32 partial sums; the last split of an output tile to arrive
-    (an atomic counter) adds them in split order, adds the bias, writes y and resets the counter.
+    (an atomic counter) adds them in split order, adds the bias, writes y and resets the counter. With SILU_MUL
+    (``act="silu_mul"``: the columns are [gate | up]) column tiles t and t + tiles / 2 count on one counter, and the
+    last of their 2 x splits programs writes y[:, t's columns] = silu(gate) * up (as the gemv kernel does).
 
     With MAGIC16 the tile is instead loaded as int16 half-words h [BN, HW] (HW = 2 * BKW) and contracted as
     PER // 2 dots, one per value position j: half-word c holds input channels 4c + j (4 bits), so x's tile is
@@ -390,21 +398,32 @@ def gptq_dot_kernel(
 
     y_off = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BN, BM]
     ymask = mask_n[:, None] & mask_m[None, :]
+    tl.static_assert(SPLIT or not SILU_MUL, "SILU_MUL reduces the gate and up tiles through the split-K path")
     if SPLIT:
-        tile = pid_n * tl.num_programs(0) + pid_m
         tl.store(part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=ymask)
         tl.debug_barrier()  # every thread's partial sums are stored before the release below
+        if SILU_MUL:  # gate tile t and up tile t + pairs share counter t
+            col_tile = pid_n % (tl.num_programs(1) // 2)
+            arrivals = 2 * tl.num_programs(2)
+        else:
+            col_tile = pid_n
+            arrivals = tl.num_programs(2)
+        tile = col_tile * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(2) - 1:  # the last split of this tile: reduce, in split order
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for i in range(0, tl.num_programs(2)):
-                acc += tl.load(part_ptr + i * M * N + offs_m[None, :] * N + offs_n[:, None], mask=ymask, other=0.0,
-                               cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            if RESIDUAL:
-                acc += tl.load(res_ptr + y_off, mask=ymask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        if arrived == arrivals - 1:  # the last split of this tile (pair): reduce, in split order
+            if SILU_MUL:
+                offs_g = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] gate columns; up: + N // 2
+                gmask = (offs_g < N // 2)[:, None] & mask_m[None, :]
+                g = _dot_partials(part_ptr, M, N, offs_m, offs_g, gmask, b_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+                u = _dot_partials(part_ptr, M, N, offs_m, N // 2 + offs_g, gmask, b_ptr, HAS_BIAS, BLOCK_M,
+                                  BLOCK_N)
+                tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_g[:, None],
+                         _silu_mul(g, u, y_ptr.dtype.element_ty), mask=gmask)
+            else:
+                acc = _dot_partials(part_ptr, M, N, offs_m, offs_n, ymask, b_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+                if RESIDUAL:
+                    acc += tl.load(res_ptr + y_off, mask=ymask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
             tl.atomic_xchg(lock_ptr + tile, 0)  # zero again for the next launch
     else:
         if HAS_BIAS:
@@ -412,6 +431,19 @@ def gptq_dot_kernel(
         if RESIDUAL:
             acc += tl.load(res_ptr + y_off, mask=ymask, other=0.0).to(tl.float32)
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _dot_partials(part_ptr, M, N, offs_m, offs_n, mask, b_ptr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """gptq_dot_kernel's split-K sum of the [BN, BM] output tile at (offs_n, offs_m), in split order, + bias."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in range(0, tl.num_programs(2)):
+        acc += tl.load(part_ptr + i * M * N + offs_m[None, :] * N + offs_n[:, None], mask=mask, other=0.0,
+                       cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    return acc
 
 
 @triton.jit

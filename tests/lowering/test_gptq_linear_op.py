@@ -116,3 +116,41 @@ def test_fused_errors_name_the_norm_weight_or_residual():
         op(x, torch.ones(128, dtype=torch.float16), 1e-6, *weights, None, 4, 32)  # dtype mismatch
     with pytest.raises(ValueError, match="residual"):
         op(x, None, 1e-6, *weights, torch.randn(1, 64), 4, 32)  # a broadcast is not a residual
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_mul_matches_hf_mlp(norm, dtype):
+    """act="silu_mul": the columns are [gate | up] (fuse_projections' gate_proj/up_proj concatenation) and the op
+    returns HF LlamaMLP's act_fn(gate_proj(x)) * up_proj(x), rounded as HF rounds it."""
+    w, dense = _random_gptq(2 * 48, 160, 4, 32, act_order=True)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(2, 3, 160, generator=g) * 3).to(dtype)
+    nw = (torch.rand(160, generator=g) + 0.5).to(dtype) if norm else None
+    bias = torch.randn(96, generator=g).to(dtype)
+    y = torch.ops.optgptq.gptq_linear_fused(x, nw, 1e-5, w.qweight, w.qzeros, w.scales, w.g_idx, bias, None, 4, 32,
+                                            "silu_mul")
+    xn = _hf_rms_norm(x, nw, 1e-5) if norm else x
+    gate = xn @ dense[:, :48].to(dtype) + bias[:48]
+    up = xn @ dense[:, 48:].to(dtype) + bias[48:]
+    expected = torch.nn.SiLU()(gate) * up
+    assert y.shape == (2, 3, 48)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+    torch.library.opcheck(torch.ops.optgptq.gptq_linear_fused.default,
+                          (x, nw, 1e-5, w.qweight, w.qzeros, w.scales, w.g_idx, bias, None, 4, 32, "silu_mul"))
+
+
+def test_fused_act_errors():
+    w, _ = _random_gptq(64, 128, 4, 32, act_order=False)
+    op = torch.ops.optgptq.gptq_linear_fused
+    x = torch.randn(2, 128)
+    weights = (w.qweight, w.qzeros, w.scales, w.g_idx, None)
+    with pytest.raises(ValueError, match="unknown act 'gelu'"):
+        op(x, None, 1e-6, *weights, None, 4, 32, "gelu")
+    with pytest.raises(ValueError, match="no residual"):
+        op(x, None, 1e-6, *weights, torch.randn(2, 32), 4, 32, "silu_mul")
+    from optgptq_compile.lowering.gptq_linear import check_fused_extras
+
+    with pytest.raises(ValueError, match="even number of columns"):  # packed weights never have an odd N (8-bit
+        check_fused_extras(x, None, None, 63, "silu_mul")  # zero points pack 4 a word): the check, directly

@@ -284,14 +284,17 @@ def test_decode_batches_pick_the_fused_dot_kernel():
 # residual; other kernels get them as torch ops around the matmul
 
 
-def _check_fused(w, x, norm_weight, residual, bias, config=None, tol=1e-2, eps=1e-5):
+def _check_fused(w, x, norm_weight, residual, bias, config=None, tol=1e-2, eps=1e-5, act="none"):
     y = T.gptq_matmul(x, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.bits, w.group_size, config=config,
-                      norm_weight=norm_weight, eps=eps, residual=residual)
+                      norm_weight=norm_weight, eps=eps, residual=residual, act=act)
     xd = x.double()
     if norm_weight is not None:  # in fp64: the kernel never rounds the normalized x, so neither does the check
         xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
     ref = torch_gptq_linear(xd, w.qweight, w.qzeros, w.scales, w.g_idx, None if bias is None else bias.double(),
                             w.bits)
+    if act == "silu_mul":  # in fp64 too: the kernel rounds gate, up and silu(gate) as HF does, within tol
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
     if residual is not None:
         ref = ref + residual.double()
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -386,3 +389,45 @@ def test_rms_norm_kernel(m, k, block, dtype, monkeypatch):
     torch.testing.assert_close(y, ref, rtol={torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 2**-6), atol=0)
     far = torch_rms_norm(x, w, 1e-6)
     assert (far - ref).abs().max() > 10 * (y.double() - ref.double()).abs().max()  # eps is visible in the check
+
+
+SILU_MUL = {  # name: (M, N = 2 x the output's features, K, dtype, config, norm, bias); x scaled by 3
+    # gemv, 3 splits: gate tile t and up tile t + 2 count 6 arrivals on one counter; the norm's sums of squares too
+    "gemv split-K norm": (1, 512, 448, torch.float16,
+                          dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=32, num_warps=1, num_stages=1,
+                               SPLIT_K=3, REDUCE_ROWS=2), True, False),
+    # gemv, one split: the split-K path all the same (the gate and up programs meet there); bias on both halves
+    "gemv one split bias": (1, 256, 320, torch.float16,
+                            dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=2, num_stages=1,
+                                 SPLIT_K=1), False, True),
+    # half of N (80) not a multiple of the tile (64): silu * mul as torch ops after the kernel
+    "gemv half not whole tiles": (1, 160, 320, torch.float16,
+                                  dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, num_warps=2, num_stages=1,
+                                       SPLIT_K=2), True, False),
+    # decode batch, 2 row blocks (M = 20), 3 splits: pairs counted per (row block, column tile)
+    "wdot split-K": (20, 256, 448, torch.float16,
+                     dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3),
+                     True, True),
+    "wdot one split": (5, 128, 320, torch.float16,
+                       dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=1),
+                       False, False),
+    "dequant + matmul": (T.DEQUANT_MIN_M, 128, 320, torch.float16, None, True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(SILU_MUL))
+def test_fused_silu_mul(name):
+    m, n, k, dtype, cfg, norm, bias = SILU_MUL[name]
+    w = _weights(n, k, 4, 32, False, seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype) if norm else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    ys = [_check_fused(w, x, nw, None, b, cfg, act="silu_mul") for _ in range(2)]
+    assert ys[0].shape == (m, n // 2) and torch.equal(ys[0], ys[1])  # deterministic, and the counters reset:
+    assert int(T._locks[x.device].count_nonzero()) == 0  # a second call counts from zero again
+    # against HF's own rounding (gate and up in fp16, silu in fp16): at most a few fp16 rounding steps apart
+    from optgptq_compile.lowering.gptq_linear import torch_gptq_linear_fused
+
+    hf = torch_gptq_linear_fused(x, nw, 1e-5, w.qweight, w.qzeros, w.scales, w.g_idx, b, None, w.bits, "silu_mul")
+    torch.testing.assert_close(ys[0], hf, rtol=2e-2, atol=2e-2)
