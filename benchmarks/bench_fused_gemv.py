@@ -6,9 +6,10 @@ GEMV, which folds both in; M = 2..64: ``rms_norm_kernel`` + the dot kernel with 
 
 Rows per shape: ``plain`` (the GEMV alone, as before), ``fused`` (norm or residual in the kernel), ``plain +
 torch`` (the GEMV plus ``F.rms_norm`` -- one aten kernel on CUDA -- or the residual add: what the fused kernel
-replaces). q/k/v and gate/up take the norm of
-their input, o and down the residual. Each fused result is checked against the op's reference. Timing as every
-kernel benchmark here (``timing.time_graph``: CUDA-graph replay over enough weight copies to miss the L2). A last
+replaces). q/k/v and gate/up take the norm of their input, o and down the residual; the second gate/up row adds
+``act="silu_mul"`` (its "plain + torch" is the norm, the GEMV and HF's silu(gate) * up as torch ops). Each fused
+result is checked against the op's reference. Timing as every kernel benchmark here (``timing.time_graph``:
+CUDA-graph replay over enough weight copies to miss the L2). A last
 table times the norm alone at hidden size 4096: aten's ``F.rms_norm``, ``rms_norm_kernel``, and the residual add +
 norm as Inductor fuses it (``torch.compile`` of HF's RMSNorm code). Writes ``bench_fused_gemv.json`` to --out.
 """
@@ -26,13 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import time_graph  # noqa: E402
 
 from optgptq_compile.lowering import triton_gptq_linear as T  # noqa: E402
-from optgptq_compile.lowering.gptq_linear import torch_gptq_linear_fused  # noqa: E402
+from optgptq_compile.lowering.gptq_linear import torch_gptq_linear_fused, torch_silu_mul  # noqa: E402
 from optgptq_compile.quant.format import default_g_idx, pack_weight  # noqa: E402
 
 SHAPES = {  # name: (N, K, what is folded in)
     "qkv 12288x4096": (12288, 4096, "norm"),
     "o 4096x4096": (4096, 4096, "residual"),
     "gate/up 22016x4096": (22016, 4096, "norm"),
+    "gate/up 22016x4096 ": (22016, 4096, "norm+silu"),  # act="silu_mul": silu(gate) * up in the epilogue too
     "down 4096x11008": (4096, 11008, "residual"),
 }
 
@@ -94,22 +96,26 @@ def bench_shapes(m: int, device: str) -> list[dict]:
         ws = [weights(n, k, i, device) for i in range(copies)]
         g = torch.Generator().manual_seed(9)
         x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(device)
-        nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(device) if extra == "norm" else None
+        nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(device) if "norm" in extra else None
+        act = "silu_mul" if "silu" in extra else "none"
         res = torch.randn(m, n, generator=g).to(torch.bfloat16).to(device) if extra == "residual" else None
 
         def plain(w):
             return lambda: T.gptq_matmul(x, *w, None, 4, 128)
 
         def fused(w):
-            return lambda: T.gptq_matmul(x, *w, None, 4, 128, norm_weight=nw, eps=1e-5, residual=res)
+            return lambda: T.gptq_matmul(x, *w, None, 4, 128, norm_weight=nw, eps=1e-5, residual=res, act=act)
 
         def separate(w):
+            if extra == "norm+silu":
+                return lambda: torch_silu_mul(T.gptq_matmul(torch.nn.functional.rms_norm(x, (k,), nw, 1e-5), *w,
+                                                            None, 4, 128))
             if extra == "norm":
                 return lambda: T.gptq_matmul(torch.nn.functional.rms_norm(x, (k,), nw, 1e-5), *w, None, 4, 128)
             return lambda: T.gptq_matmul(x, *w, None, 4, 128).add_(res)
 
         ref = torch_gptq_linear_fused(x.double(), None if nw is None else nw.double(), 1e-5, *ws[0], None,
-                                      None if res is None else res.double(), 4)
+                                      None if res is None else res.double(), 4, act)
         got = fused(ws[0])().double()
         err = ((got - ref).norm() / ref.norm()).item()
         row = dict(shape=name, m=m, extra=extra, rel_err=err,
@@ -117,7 +123,7 @@ def bench_shapes(m: int, device: str) -> list[dict]:
                    fused_us=time_graph([fused(w) for w in ws]),
                    separate_us=time_graph([separate(w) for w in ws]))
         results.append(row)
-        print(f"M={m:3d} {name:20s} +{extra:8s} plain {row['plain_us']:6.1f} us  fused {row['fused_us']:6.1f} us  "
+        print(f"M={m:3d} {name:20s} +{extra:9s} plain {row['plain_us']:6.1f} us  fused {row['fused_us']:6.1f} us  "
               f"plain + torch {row['separate_us']:6.1f} us  (fused rel err {err:.1e})", flush=True)
         assert err < 1e-2, f"{name}: fused GEMV rel err {err}"
     return results

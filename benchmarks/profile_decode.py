@@ -101,7 +101,7 @@ def main():
         raise SystemExit("profile_decode.py needs a CUDA/ROCm GPU")
     os.makedirs(args.out, exist_ok=True)
     tag = ("inlined" if args.inline_triton else "opaque") + ("_graphs" if args.cuda_graphs else "") + f"_b{args.batch}"
-    tag += "".join(f"_{k}={v}" for k, v in sorted(extra_options.items()))
+    tag += "".join(f"_{k}-{v}" for k, v in sorted(extra_options.items()))  # no "=": the device tool drops it
     if args.inline_triton:
         os.environ["OPTGPTQ_INLINE_TRITON"] = "1"
     model = model_7b(args.layers)
