@@ -34,6 +34,7 @@ class OptGPTQConfig:
     clip_search: bool = True  # GPTQ: scale/zero from a Hessian-weighted clipping search instead of min-max
     fuse_projections: bool = True  # one gptq_linear for sibling projections of one input (q/k/v, gate/up)
     fuse_norm_residual: bool = True  # RMSNorm before / residual add after a gptq_linear folded into the call
+    fuse_silu_mul: bool = True  # silu(gate) * up of a fused gate/up gptq_linear computed in the call's epilogue
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
@@ -59,6 +60,7 @@ _ACCEPTED = {
     "clip_search": "True or False",
     "fuse_projections": "True or False",
     "fuse_norm_residual": "True or False",
+    "fuse_silu_mul": "True or False",
 }
 
 
@@ -108,6 +110,7 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "clip_search": _is_bool,
         "fuse_projections": _is_bool,
         "fuse_norm_residual": _is_bool,
+        "fuse_silu_mul": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

@@ -2,8 +2,9 @@
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops, and
-sibling projections are fused only once they are gptq_linear calls; the norm / residual fold runs last, on the
-fused calls (one norm then feeds one q/k/v call, not three).
+sibling projections are fused only once they are gptq_linear calls; the norm / residual fold runs on the fused calls
+(one norm then feeds one q/k/v call, not three), and the silu * up fold last, on the fused gate/up call (whose
+norm it keeps; its halves exist as one call's columns only after fuse_projections).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
 from .fuse_norm_residual import fuse_norm_residual
 from .fuse_projections import fuse_projections
+from .fuse_silu_mul import fuse_silu_mul
 from .match_attention import match_attention
 from .paged_kv import paged_kv
 from .quantize_linear import quantize_linear
@@ -31,4 +33,5 @@ PASSES: list[Pass] = [
     quantize_linear,
     fuse_projections,
     fuse_norm_residual,
+    fuse_silu_mul,
 ]
