@@ -10,8 +10,9 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
     (cuBLAS / hipBLASLt); faster here than the fused dot kernels at these sizes.
-``optgptq::gptq_linear_fused_triton`` (an RMSNorm before, a residual after: passes/fuse_norm_residual.py) runs the
-same launcher: the gemv folds both in, the wdot kernel the residual; elsewhere they are torch ops around the matmul.
+``optgptq::gptq_linear_fused_triton`` (an RMSNorm before, a residual or silu(gate) * up after:
+passes/fuse_norm_residual.py, fuse_silu_mul.py) runs the same launcher: the gemv folds all three in, the wdot kernel
+the residual and silu * mul after ``rms_norm_kernel``; elsewhere they are torch ops around the matmul.
 The kernels assume ``g_idx`` is plain ``k // group_size``, so each BLOCK_K tile is one group (one row of
 scales/zeros), and check it while they stream the weights; a program where it is not redoes its rows with a loop
 where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at
