@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..context import PassContext
-from .fuse_norm_residual import FUSED, FUSED_ARGS, GPTQ, LINEAR_ARGS
+from .fuse_norm_residual import FUSED, FUSED_ARGS, GPTQ, LINEAR_ARGS, _val
 from .utils import finish_pass
 
 NAME = "fuse_silu_mul"
@@ -35,15 +35,6 @@ _SILU = {torch.nn.functional.silu, torch.ops.aten.silu.default}
 _MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _SPLIT_FUNCTIONS = {torch.ops.aten.split_with_sizes.default: "split", torch.ops.aten.split.Tensor: "split",
                     torch.split: "split", torch.chunk: "chunk", torch.ops.aten.chunk.default: "chunk"}
-
-
-def _val(node) -> torch.Tensor | None:
-    """The example (fake) tensor Dynamo or an earlier pass recorded for ``node``."""
-    for key in ("example_value", "val"):
-        value = node.meta.get(key) if isinstance(node, fx.Node) else None
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
 
 
 def _is_call(node) -> bool:
