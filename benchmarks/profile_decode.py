@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --out DIR
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --inline-triton   # Inductor inlines our kernels
     PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --cuda-graphs     # the timeline of replayed steps
+    PYTHONPATH=. python benchmarks/profile_decode.py --layers 4 --cuda-graphs --batch 8 \
+        --optgptq-options '{"fuse_silu_mul": false}'                            # a decode batch, an option off
 
 A Llama-2-7B-shaped random-weight model (fp16, --layers decoder layers), compiled with backend="optgptq" (int4 g128)
 and run through the paged runtime: prefill one batch of --context-token prompts, then decode. Writes
