@@ -70,6 +70,7 @@ class Settings:
     budget_s: float
     rows: list[str]
     optgptq_options: dict  # backend options of the optgptq row
+    ab_env: dict = dataclasses.field(default_factory=dict)  # optgptq measured again with these env vars (A/B)
 
     @property
     def cuda(self) -> bool:
@@ -271,6 +272,29 @@ def prepare(name: str, cfg, s: Settings, hf_model):
     return model, {"dtype": str(dtype), "linears_replaced": count, "self_check_rel_error": error}
 
 
+def measure_ab(compiled, batch: int, s: Settings) -> dict:
+    """``--ab-env``: the optgptq row again on the same compiled model, with environment variables set that the
+    kernels read at launch (e.g. ``OPTGPTQ_PDL=0``): a fresh engine captures its CUDA graphs with them. An A/B in
+    one process, the same weights and prompts, the two waves one after the other."""
+    saved = {k: os.environ.get(k) for k in s.ab_env}
+    os.environ.update(s.ab_env)
+    try:
+        r = measure_runtime(compiled, batch, s)
+    except Exception as exc:
+        r = {"error": f"{type(exc).__name__}: {exc}"}
+        release_after_error(s.device)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if "error" not in r:
+        print(f"{'optgptq ' + ' '.join(f'{k}={v}' for k, v in s.ab_env.items()):13s} batch {batch:3d}: "
+              f"{r['decode_tok_s']:9.1f} tok/s decode, TTFT {r['ttft_ms']:8.1f} ms", flush=True)
+    return r
+
+
 def measure(name: str, model, batch: int, s: Settings) -> dict:
     if name == "optgptq":
         return measure_runtime(model, batch, s)
@@ -328,6 +352,9 @@ def run_configs(s: Settings, results: dict, checkpoint=lambda: None) -> None:
                           f"{r['ttft_ms']:8.1f} ms ({time.perf_counter() - start:.0f} s)", flush=True)
                 if name == "optgptq":
                     info["stats"] = optgptq_compile.stats()
+                    if s.ab_env and "error" not in r:
+                        rows[b]["optgptq_ab"] = measure_ab(model, b, s)
+                        results["ab_env"] = s.ab_env
                 checkpoint()
         # the two HF rows share one fp16 model: keep it while the other one is still to run
         hf_model = None
@@ -359,6 +386,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _env_pairs(text: str) -> dict:
+    pairs = [p for p in text.split(",") if p]
+    if not all("=" in p and p.split("=", 1)[0] for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {text!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -387,6 +421,9 @@ def add_arguments(ap: argparse.ArgumentParser, default_out: str) -> None:
                     help=f"output directory (default $OUT, else {default_out})")
     ap.add_argument("--optgptq-options", type=_json_dict, default={},
                     help='backend options over the default {"bits": 4, "group_size": 128, "strict": true}, as JSON')
+    ap.add_argument("--ab-env", type=_env_pairs, default={}, metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="after each optgptq measurement, measure it again with these environment variables set "
+                         "(e.g. OPTGPTQ_PDL=0); stored as rows[...]['optgptq_ab'] in e2e.json")
     ap.add_argument("--plot-only", nargs="+", metavar="JSON", default=None,
                     help="only (re)write the table and plots from these e2e.json files (merged in order)")
 
@@ -407,6 +444,7 @@ def settings_from(args) -> Settings:
         budget_s=args.budget_s,
         rows=[r for r in args.rows if r not in args.skip],
         optgptq_options={"bits": 4, "group_size": 128, "strict": True, **args.optgptq_options},
+        ab_env=args.ab_env,
     )
 
 

@@ -41,6 +41,11 @@ At M == 1 a GEMV on the H100 should be bound by HBM; the instructions it issues 
   the 2 x splits programs to arrive reduces both tiles' partial sums and writes y[t's columns] = silu(g) * u,
   rounding g, u and silu(g) to x's dtype as HF's MLP does. The loop is unchanged (weights stay in place); the
   launcher keeps the split-K path even for one split and needs N / 2 to be a multiple of BLOCK_N.
+* Programmatic dependent launch (PDL, CUDA sm90+; ``triton_utils.pdl``): every program first releases the next
+  kernel on the stream (``gdc_launch_dependents``), then loads its first weight tile -- weights depend on no earlier
+  kernel -- and only then waits for the previous kernel to finish (``gdc_wait``) before it reads x or touches the
+  split-K buffers and counters. So this GEMV's launch and first loads overlap the tail of the kernel before it (in a
+  CUDA graph too). H100, session 10 (RESULTS.md): a 7B layer's four GEMVs back to back 63.0 -> 59.0 us.
 """
 
 import triton
@@ -129,12 +134,11 @@ def _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K: tl.constexp
 
 
 @triton.jit
-def _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
-               PER: tl.constexpr, BKW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr,
-               EVEN_N: tl.constexpr, X_PAIRS: tl.constexpr, NORM: tl.constexpr):
-    """Everything tile k0 needs from memory: words [BKW, BN], scales [BN] fp32, zeros [BN], g_idx [BK], x pairs
-    [BKW, PER // 2] (X_PAIRS; else a dummy) and norm-weight pairs (X_PAIRS and NORM; else a dummy). Past k_end (the
-    prefetch after a program's last tile) nothing is read."""
+def _load_weights(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
+                  PER: tl.constexpr, BKW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr,
+                  EVEN_N: tl.constexpr):
+    """Tile k0's weights: words [BKW, BN], scales [BN] fp32, zeros [BN] and g_idx [BK]. Past k_end (the prefetch
+    after a program's last tile) nothing is read."""
     offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
     rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
     row_ok = rows < k_end // PER  # [BKW] (k_end is a multiple of PER: a whole number of words)
@@ -149,7 +153,17 @@ def _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, m
                     other=0)  # [BKW, BN]
     s = tl.load(s_ptr + g * N + offs_n, mask=col_ok, other=0.0).to(tl.float32)  # [BN]
     z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, col_ok, BITS)  # [BN]
+    return words, s, z, gk
+
+
+@triton.jit
+def _load_x(x_ptr, nw_ptr, dummy, k0, k_end, PER: tl.constexpr, BKW: tl.constexpr, X_PAIRS: tl.constexpr,
+            NORM: tl.constexpr):
+    """Tile k0's x pairs [BKW, PER // 2] (X_PAIRS; else ``dummy``) and norm-weight pairs (X_PAIRS and NORM; else
+    ``dummy``)."""
     if X_PAIRS:
+        rows = k0 // PER + tl.arange(0, BKW)  # [BKW]
+        row_ok = rows < k_end // PER  # [BKW]
         pair = tl.arange(0, PER // 2)  # [PER/2]
         xw = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (PER // 2) + pair[None, :],
                      mask=row_ok[:, None], other=0)  # [BKW, PER/2]: 2 x values per int32
@@ -159,8 +173,19 @@ def _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, m
         else:
             ww = xw
     else:
-        xw = gk
-        ww = gk
+        xw = dummy
+        ww = dummy
+    return xw, ww
+
+
+@triton.jit
+def _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS: tl.constexpr,
+               PER: tl.constexpr, BKW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr,
+               EVEN_N: tl.constexpr, X_PAIRS: tl.constexpr, NORM: tl.constexpr):
+    """Everything tile k0 needs from memory: ``_load_weights`` and ``_load_x`` (with g_idx as the dummy)."""
+    words, s, z, gk = _load_weights(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_end, offs_n, mask_n, N, ZW, BITS, PER, BKW,
+                                    BLOCK_K, GROUP_TILES, EVEN_N)
+    xw, ww = _load_x(x_ptr, nw_ptr, gk, k0, k_end, PER, BKW, X_PAIRS, NORM)
     return words, s, z, gk, xw, ww
 
 
@@ -221,6 +246,7 @@ def gptq_gemv_kernel(
     BLOCK_N: tl.constexpr,  # a multiple of 128 * num_warps (see the module docstring)
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: the register prefetch alone)
+    PDL: tl.constexpr,  # CUDA sm90+ launched with launch_pdl: programmatic dependent launch (module docstring)
     REDUCE_ROWS: tl.constexpr = 16,  # split-K: partial-sum rows the last program loads at once (a loop of one
     # row per load waited one L2 round trip per split: ~10 us of a 14 us 4096x4096 call on the H100)
 ):
@@ -233,6 +259,10 @@ def gptq_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
+    if PDL:  # let the next kernel's programs start (they wait for this one before reading what it writes)
+        tl.extra.cuda.gdc_launch_dependents()
+        if not FAST_OK:
+            tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_rows = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)  # ACC_ROWS only
     sq_rows = tl.zeros((BKW,), dtype=tl.float32)  # NORM only: per-row sums of x**2
@@ -241,9 +271,12 @@ def gptq_gemv_kernel(
         bad += 1
     if FAST_OK:  # assume g_idx is k // group_size (sorted act-order weights are, too); the loop checks it
         # register prefetch: tile i+1's loads are issued before tile i's arithmetic (see the module docstring)
-        words, s, z, gk, xw, ww = _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, k_start, k_end, offs_n,
-                                             mask_n, N, ZW, BITS, PER, BKW, BLOCK_K, GROUP_TILES, EVEN_N, X_PAIRS,
-                                             NORM)
+        # the first tile's weights depend on no earlier kernel: with PDL they load while that kernel finishes
+        words, s, z, gk = _load_weights(qw_ptr, qz_ptr, s_ptr, g_ptr, k_start, k_end, offs_n, mask_n, N, ZW, BITS,
+                                        PER, BKW, BLOCK_K, GROUP_TILES, EVEN_N)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the earlier kernel is done: x, the buffers and the counters are ours now
+        xw, ww = _load_x(x_ptr, nw_ptr, gk, k_start, k_end, PER, BKW, X_PAIRS, NORM)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             words_n, s_n, z_n, gk_n, xw_n, ww_n = _load_tile(x_ptr, nw_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
                                                              k0 + BLOCK_K, k_end, offs_n, mask_n, N, ZW, BITS, PER,

@@ -18,7 +18,8 @@ scales/zeros), and check it while they stream the weights; a program where it is
 where every row gathers its own group (correct for any ``g_idx``, slower). Act-order weights are sorted once, at
 compile time, by ``prepare_node`` (rows of ``qweight`` permuted, ``x[..., perm]`` in the graph), so the hot loop of
 a compiled model never gathers.
-Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp.
+Portability: no inline asm, dot tiles >= 16, no assumption on lanes per warp; ``tl.extra.cuda`` only for
+programmatic dependent launch behind the PDL constexpr, which only CUDA sm90+ launches set (``triton_utils.pdl``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..quant.packing import pack_rows, unpack_rows
 from .gptq_linear import check_fused_extras, check_gptq_shapes, torch_gptq_linear  # noqa: F401  (the reference)
 from .gptq_linear import torch_silu_mul
-from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
+from .triton_utils import (check_device, device_index, kernels, launch_options, num_sms, pdl, per_backend,
+                           tracing_interpreted)
 
 # ----------------------------------------------------------------------------------------------------------------
 # launcher
@@ -212,8 +214,10 @@ def rms_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     out = torch.empty_like(x2, memory_format=torch.contiguous_format)
     if m and not tracing_interpreted(x2):
         block = min(RMS_NORM_BLOCK, triton.next_power_of_2(k))
+        use_pdl = pdl(x2)
         wrap_triton(kernels("triton_rms_norm_kernel").rms_norm_kernel)[(m,)](
-            x2, weight, out, k, x2.stride(0), float(eps), BLOCK=block, num_warps=4 if block >= 1024 else 1)
+            x2, weight, out, k, x2.stride(0), float(eps), BLOCK=block, PDL=use_pdl,
+            num_warps=4 if block >= 1024 else 1, **launch_options(use_pdl))
     return out
 
 
@@ -258,6 +262,7 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
     part = x2.new_empty(split, m, n, dtype=torch.float32) if reduce else y  # [splits, M, N] partial sums
     locks = _split_locks(x2, grid[0] * grid[1]) if reduce else g_idx
     if launch:
+        use_pdl = pdl(x2)
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dot_kernel)[grid](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,
@@ -266,8 +271,8 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
             BITS=bits, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, SILU_MUL=silu_mul, SPLIT=reduce,
             GROUP_TILES=0 if gs >= k else gs // bk,
             EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["num_stages"],
-            MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            MAGIC16=cfg.get("MAGIC16", half_word_magic(x2.dtype, bits, bk) if bm == 16 else 0), PDL=use_pdl,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(use_pdl))
     return y
 
 
@@ -292,6 +297,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_
     ss = x2.new_empty(split, tiles, dtype=torch.float32) if reduce and norm else y  # [splits, tiles] sums of x**2
     locks = _split_locks(x2, tiles) if reduce else g_idx
     fast_ok = gs > 0 and (gs % bk == 0 or gs >= k)
+    use_pdl = pdl(x2) and cfg.get("PDL", True)  # programmatic dependent launch (triton_utils.pdl)
     if launch:
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_gemv_kernel").gptq_gemv_kernel)[(tiles, split)](
@@ -303,8 +309,8 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_
             FAST_OK=fast_ok,
             GROUP_TILES=0 if gs >= k else gs // bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             X_PAIRS=k % bk == 0 and x2.element_size() == 2, ACC_ROWS=cfg.get("ACC_ROWS", False),
-            STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16), PDL=use_pdl, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **launch_options(use_pdl))
     return y
 
 
@@ -419,9 +425,9 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         kind = cfg.pop("KERNEL")
         label = f"{kind} m{m} {bits}bit g{group}"
         if kind == "wdot":
-            specs.append(wdot_aot_spec(m, n, k, bits, group, cfg, dtype))
+            specs += per_backend(wdot_aot_spec(m, n, k, bits, group, cfg, dtype))
             if m == 16 and bits == 4:  # the gate/up form of a decode batch
-                specs.append(wdot_aot_spec(m, n, k, bits, group, cfg, dtype, silu_mul=True))
+                specs += per_backend(wdot_aot_spec(m, n, k, bits, group, cfg, dtype, silu_mul=True))
             continue
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         ptrs = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32",
@@ -433,10 +439,10 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
                        K="i32", ZW="i32")
             const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
         elif kind == "gemv":
-            specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
+            specs += per_backend(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
             if bits == 4:  # the decode layer's forms: RMSNorm and residual folded in; RMSNorm and silu * mul
-                specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, fused=True))
-                specs.append(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, silu_mul=True))
+                specs += per_backend(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, fused=True))
+                specs += per_backend(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype, silu_mul=True))
             continue
         else:
             fn = mod.gptq_matmul_kernel
@@ -448,9 +454,9 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         sig.update({name: "constexpr" for name in const})
         specs.append((label, fn, sig, const, opts))
     block = min(RMS_NORM_BLOCK, triton.next_power_of_2(k))  # the fused op's norm at M > 1
-    specs.append((f"rms_norm k{k}", kernels("triton_rms_norm_kernel").rms_norm_kernel,
-                  dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", K="i32", stride_xm="i32",
-                       eps="fp32", BLOCK="constexpr"), dict(BLOCK=block), dict(num_warps=4)))
+    specs += per_backend((f"rms_norm k{k}", kernels("triton_rms_norm_kernel").rms_norm_kernel,
+                          dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", K="i32", stride_xm="i32",
+                               eps="fp32", BLOCK="constexpr"), dict(BLOCK=block), dict(num_warps=4)))
     return specs
 
 
@@ -470,7 +476,8 @@ def wdot_aot_spec(m: int, n: int, k: int, bits: int, group: int, cfg: dict, dtyp
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["num_stages"],
                  MAGIC16=half_word_magic(dict(bf16=torch.bfloat16, fp16=torch.float16).get(dtype), bits,
-                                         cfg["BLOCK_K"]) if cfg["BLOCK_M"] == 16 else 0)
+                                         cfg["BLOCK_K"]) if cfg["BLOCK_M"] == 16 else 0,
+                 PDL=bool(cfg.get("PDL", False)))
     names = list(sig)
     k_per_split = -(-k // (split * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
     aligned = names[:10] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32), ("stride_xm", k),
@@ -502,7 +509,8 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
                  GROUP_TILES=0 if gs >= k else gs // cfg["BLOCK_K"],
                  EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], X_PAIRS=k % cfg["BLOCK_K"] == 0 and dtype in ("bf16", "fp16"),
-                 ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16))
+                 ACC_ROWS=cfg.get("ACC_ROWS", False), STAGES=cfg["num_stages"], REDUCE_ROWS=cfg.get("REDUCE_ROWS", 16),
+                 PDL=bool(cfg.get("PDL", False)))
     names = list(sig)
     aligned = [name for name in names[:12]] + [name for name, v in (("N", n), ("K", k), ("ZW", n * bits // 32),
                                                                     ("half_shift", 16)) if v % 16 == 0]

@@ -310,6 +310,7 @@ def gptq_dot_kernel(
     STAGES: tl.constexpr,  # software-pipelining depth of the K loop
     MAGIC16: tl.constexpr = 0,  # 0x4300 (bf16) / 0x6400 (fp16): dequantize by half-words (_half_word_dots); 0: by
     # words (_values). Half-words need BITS <= 4 (bf16) or 8 (fp16) and 2 * BLOCK_K // (32 // BITS) >= 16
+    PDL: tl.constexpr = False,  # programmatic dependent launch (triton_utils.pdl)
 ):
     """y = x @ dequant(W) (+ bias) for small M, computed transposed: y^T [BN, BM] += W^T [BN, BK] @ x^T [BK, BM],
     so the dequantized weight tile is the dot's left operand (on the H100 a wgmma operand in registers; the
@@ -334,6 +335,9 @@ def gptq_dot_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     HALF: tl.constexpr = PER // 2  # values per 16-bit half-word
     HW: tl.constexpr = 2 * BKW  # half-words per column per tile (MAGIC16)
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     hw = tl.arange(0, HW)
     pid_m = tl.program_id(0)  # fastest: the row blocks of one column tile run together (weights read once)
     pid_n = tl.program_id(1)

@@ -23,7 +23,8 @@ import triton  # noqa: F401  (lowering/__init__ registers this module only where
 from torch.library import triton_op, wrap_triton
 
 from .paged_attention import check_kv_write, check_paged_attention, torch_kv_write, torch_paged_attention  # noqa: F401
-from .triton_utils import check_device, device_index, kernels, num_sms, tracing_interpreted
+from .triton_utils import (check_device, device_index, kernels, launch_options, num_sms, pdl, per_backend,
+                           tracing_interpreted)
 
 LOG2E = 1.4426950408889634
 KERNELS = "triton_paged_attention_kernel"
@@ -117,6 +118,7 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     mod = kernels(KERNELS)
     d_pad = triton.next_power_of_2(d)
     grid = (b * hkv, -(-rows // block_m), splits)
+    use_pdl = pdl(q)
     # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
     wrap_triton(mod.paged_attention_kernel)[grid](
         q, k_cache, v_cache, block_tables, context_lens, alibi_slopes if alibi_slopes is not None else context_lens,
@@ -125,11 +127,12 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NUM_STAGES=cfg["num_stages"], PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(use_pdl))
     if split:
         wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
             m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
-            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+            SPLITS_PAD=triton.next_power_of_2(splits), PDL=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out
 
 
@@ -172,10 +175,12 @@ def kv_write_launch(k, v, k_cache, v_cache, slot_mapping) -> None:
         return
     mod = kernels(KERNELS)
     grid = (-(-t // KV_WRITE_BLOCK_T), hkv)
+    use_pdl = pdl(k)
     wrap_triton(mod.kv_write_kernel)[grid](
         k, v, k_cache, v_cache, slot_mapping, t, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=block_size, BLOCK_T=KV_WRITE_BLOCK_T, num_warps=4)
+        HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=block_size, BLOCK_T=KV_WRITE_BLOCK_T, PDL=use_pdl,
+        num_warps=4, **launch_options(use_pdl))
 
 
 VARIANTS = {
@@ -226,7 +231,7 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
             split = cfg["SPLITS"] > 1
             const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
-                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"])
+                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"], PDL=not hip)
             sig = {**attn_sig, **{name: "constexpr" for name in const}}
             specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
                           const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
@@ -235,12 +240,12 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
         const = dict(GROUP=4, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), SPLITS_PAD=64)
         sig = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dtype}", Sq="i32", num_splits="i32",
                    **{name: "constexpr" for name in const})
-        specs.append((f"paged reduce d{d}", mod.paged_attention_reduce_kernel, sig, const, dict(num_warps=4),
-                      dict(attrs=_aligned(mod.paged_attention_reduce_kernel, sig))))
+        specs += per_backend((f"paged reduce d{d}", mod.paged_attention_reduce_kernel, sig, const,
+                              dict(num_warps=4), dict(attrs=_aligned(mod.paged_attention_reduce_kernel, sig))))
         const = dict(HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16, BLOCK_T=KV_WRITE_BLOCK_T)
         sig = dict(k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", k_cache_ptr=f"*{dtype}", v_cache_ptr=f"*{dtype}",
                    slot_ptr="*i64", T="i32", stride_kt="i32", stride_kh="i32", stride_vt="i32", stride_vh="i32",
                    stride_cb="i32", stride_cs="i32", stride_ch="i32", **{name: "constexpr" for name in const})
-        specs.append((f"kv_write d{d}", mod.kv_write_kernel, sig, const, dict(num_warps=4),
-                      dict(attrs=_aligned(mod.kv_write_kernel, sig))))
+        specs += per_backend((f"kv_write d{d}", mod.kv_write_kernel, sig, const, dict(num_warps=4),
+                              dict(attrs=_aligned(mod.kv_write_kernel, sig))))
     return specs

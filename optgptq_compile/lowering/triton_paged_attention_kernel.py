@@ -87,8 +87,11 @@ def paged_attention_kernel(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_ks, stride_kh, stride_btb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
-    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes a Python float as fp64 (torch 2.11)
     pid_bh = tl.program_id(0)  # b * Hkv + kv head
     tile = tl.program_id(1)  # query tile
@@ -161,9 +164,12 @@ def paged_attention_reduce_kernel(
     acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D]
     out_ptr,  # [B, Hq, Sq, D] contiguous
     Sq, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (sequence, KV head, row): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)  # [SP]
@@ -193,8 +199,12 @@ def kv_write_kernel(
     T,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per BLOCK_T tokens of one KV head: rows [T, D] scattered to their slots."""
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     head = tl.program_id(1)
     d = tl.arange(0, D_PAD)  # [DP]

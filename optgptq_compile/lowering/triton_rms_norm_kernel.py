@@ -19,8 +19,12 @@ def rms_norm_kernel(
     out_ptr,  # [M, K] contiguous, x's dtype
     K, stride_xm, eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[m] = w * (x[m] * rsqrt(mean(x[m]**2) + eps)).to(x.dtype), statistics in fp32 as HF computes them."""
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     out_row = out_ptr + row * K

@@ -69,3 +69,39 @@ def tracing_interpreted(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return interpreting() and is_fake(t)
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Launch this kernel with programmatic dependent launch (PDL): on CUDA sm90+ a kernel may then start while the
+    previous one on the stream finishes; ours call ``gdc_launch_dependents`` first thing (the next kernel may start)
+    and ``gdc_wait`` before they touch anything an earlier kernel wrote (the gemv loads its first weight tile
+    before). Only for direct launches of real tensors: not on ROCm (no such launch attribute), not in the
+    interpreter, not while a graph is traced (Inductor inlining a ``wrap_triton`` kernel takes no launch options).
+    ``OPTGPTQ_PDL=0`` turns it off (for measuring what it is worth). Pass ``PDL=pdl`` and ``**launch_options(pdl)``
+    to the kernel."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if os.environ.get("OPTGPTQ_PDL", "1") == "0" or interpreting() or t.device.type != "cuda" or torch.version.hip:
+        return False
+    if is_fake(t):
+        return False
+    return _sm90_or_later(device_index(t))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def launch_options(pdl: bool) -> dict:
+    """Triton's launch option for PDL (a compile option of the kernel in Triton 3.6, read by its CUDA launcher)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+def per_backend(spec: tuple) -> list[tuple]:
+    """An ahead-of-time compile spec (label, kernel, signature, constexprs, options[, extra]) of a kernel with a PDL
+    constexpr, as each backend's launcher builds it: with PDL for CUDA (sm90), without for ROCm."""
+    label, fn, sig, const, opts, *extra = spec
+    extra = extra[0] if extra else {}
+    return [(f"{label} {backend}", fn, {**sig, "PDL": "constexpr"}, {**const, "PDL": backend == "cuda"}, opts,
+             {**extra, "backends": (backend,)}) for backend in ("cuda", "hip")]

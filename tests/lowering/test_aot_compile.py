@@ -1,6 +1,7 @@
-"""Ahead-of-time compiles of every Triton kernel variant the launchers pick, without a GPU, for the H100 and for
-AMD MI200/MI300: proves the kernels are portable (no inline PTX, no tl.extra.cuda, dot tiles >= 16, no lane-count
-assumptions) and fit the targets' shared memory, and reports which AMD builds use MFMA for their dots."""
+"""Ahead-of-time compiles of every Triton kernel variant the launchers pick, without a GPU, for the H100 and for AMD
+MI200/MI300: proves the kernels are portable (no inline PTX, tl.extra.cuda only behind the CUDA-only PDL constexpr,
+dot tiles >= 16, no lane-count assumptions) and fit the targets' shared memory, and reports which AMD builds use MFMA
+for their dots."""
 
 import re
 
@@ -47,6 +48,13 @@ def test_compiles(target, spec):
         assert asm["hsaco"] and "amdgcn" in asm
         text = asm["amdgcn"]
     assert kernel.metadata.shared <= shared_limit, f"{label}: {kernel.metadata.shared} B of shared memory"
+    # programmatic dependent launch (triton_utils.pdl): CUDA builds wait for the previous kernel (and release the
+    # next one) with griddepcontrol; a ROCm build must not carry it
+    if constexprs.get("PDL"):
+        assert gpu.backend == "cuda", f"{label}: PDL on {target}"
+        assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text, label
+    elif gpu.backend == "cuda":
+        assert "griddepcontrol" not in text, label
     if "dot" in label.split():  # a kernel built on tl.dot (its label says so): MFMA on AMD, mma/wgmma on the H100
         if gpu.backend == "hip":
             assert re.search(r"v_mfma", text), f"{label} on {target}: no MFMA instruction"

@@ -1,0 +1,103 @@
+"""Programmatic dependent launch (PDL) for the M = 1 GEMV chain of a Llama-2-7B decode layer, with and without.
+
+    PYTHONPATH=. python benchmarks/pdl_probe.py [--layers 8] [--out DIR]
+
+A layer here is the four GEMVs of a decode step as the backend runs them (4-bit g128, bf16): q/k/v with the
+RMSNorm folded in, o with the residual, gate/up with the norm and silu(gate) * up, down with the residual, each
+fed by the one before (q/k/v's first 4096 outputs stand in for the attention output). ``--layers`` copies of the
+weights (~100 MB each) keep them out of the L2. The chain is captured in one CUDA graph and replayed
+(``timing.time_graph``); "pdl" launches every GEMV with ``launch_pdl`` and the kernel's ``PDL`` constexpr: its
+programs start while the previous GEMV finishes, load their first weight tile, and wait (``gdc_wait``) before
+they read x. Both variants must give bitwise the same hidden state (the same arithmetic in the same order).
+Also times each shape alone (a graph of the same GEMV over its copies). Writes ``pdl_probe.json`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_fused_gemv import weights  # noqa: E402
+from timing import time_graph  # noqa: E402
+
+from optgptq_compile.lowering import triton_gptq_linear as T  # noqa: E402
+
+HIDDEN, INTER = 4096, 11008
+LAYER = {  # name: (N, K)
+    "qkv": (3 * HIDDEN, HIDDEN),
+    "o": (HIDDEN, HIDDEN),
+    "gate/up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+}
+
+
+def gemv(x, w, pdl, **fused):
+    n, k = w[2].shape[-1], x.shape[-1]
+    cfg = T.pick_config(1, n, k, 4, 128, T.num_sms(T.device_index(x)))
+    return T.gptq_matmul(x, *w, None, 4, 128, config={**cfg, "PDL": pdl}, **fused)
+
+
+def layer_chain(layers, h0, nw, pdl):
+    """The decode layers' GEMVs in order, reading and writing the hidden state h [1, 4096] in place."""
+    h = h0.clone()
+
+    def run():
+        x = h
+        for w in layers:
+            qkv = gemv(x, w["qkv"], pdl, norm_weight=nw, eps=1e-5)
+            x = gemv(qkv[:, :HIDDEN], w["o"], pdl, residual=x)
+            g = gemv(x, w["gate/up"], pdl, norm_weight=nw, eps=1e-5, act="silu_mul")
+            x = gemv(g, w["down"], pdl, residual=x)
+        h.copy_(x)
+    return run, h
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    device = "cuda"
+    layers = [{name: weights(n, k, 10 * i + j, device) for j, (name, (n, k)) in enumerate(LAYER.items())}
+              for i in range(a.layers)]
+    g = torch.Generator().manual_seed(0)
+    h0 = (torch.randn(1, HIDDEN, generator=g)).to(torch.bfloat16).to(device)
+    nw = (torch.rand(HIDDEN, generator=g) + 0.5).to(torch.bfloat16).to(device)
+
+    out = dict(layers=a.layers, device=torch.cuda.get_device_name(), torch=torch.__version__, chain={}, alone={})
+    finals = {}
+    for pdl in (False, True):
+        run, h = layer_chain(layers, h0, nw, pdl)
+        run()  # one pass from h0: the two variants must agree bitwise
+        torch.cuda.synchronize()
+        finals[pdl] = h.clone()
+        us = time_graph([run], replays=1) / a.layers
+        out["chain"]["pdl" if pdl else "plain"] = us
+        print(f"layer chain ({a.layers} layers), {'pdl' if pdl else 'plain'}: {us:.1f} us per layer", flush=True)
+    same = torch.equal(finals[False], finals[True])
+    out["bitwise_equal"] = same
+    print(f"hidden state after one pass, pdl vs plain: {'bitwise equal' if same else 'DIFFERENT'}"
+          f" (max |diff| {(finals[False].float() - finals[True].float()).abs().max().item():.3g})", flush=True)
+
+    x = h0
+    for name, (n, k) in LAYER.items():
+        xk = x if k == HIDDEN else torch.randn(1, k, generator=g).to(torch.bfloat16).to(device)
+        row = {}
+        for pdl in (False, True):
+            row["pdl" if pdl else "plain"] = time_graph([lambda w=L[name], p=pdl: gemv(xk, w, p) for L in layers])
+        out["alone"][name] = row
+        print(f"{name:8s} alone: plain {row['plain']:.1f} us, pdl {row['pdl']:.1f} us", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "pdl_probe.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    if not same:
+        sys.exit("pdl and plain chains disagree")
+
+
+if __name__ == "__main__":
+    main()
