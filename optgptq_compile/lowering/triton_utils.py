@@ -85,12 +85,15 @@ def pdl(t: torch.Tensor) -> bool:
         return False
     if is_fake(t):
         return False
-    return _sm90_or_later(device_index(t))
+    return _pdl_supported(device_index(t))
 
 
 @functools.lru_cache(maxsize=None)
-def _sm90_or_later(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _pdl_supported(index: int) -> bool:
+    """sm90+ and a Triton with grid dependency control (3.4 on; torch 2.11 ships 3.6)."""
+    import triton.language as tl
+
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def launch_options(pdl: bool) -> dict:
