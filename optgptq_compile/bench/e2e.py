@@ -3,6 +3,7 @@
     optgptq bench e2e                      # GPU: 32 layers, batches 1,32,8,64, 512-token prompts (about 8 min)
     optgptq bench e2e --layers 4           # quick check of the whole benchmark
     optgptq bench e2e --tiny               # CPU smoke test: tiny model, reference kernels (< 1 min)
+    optgptq bench e2e --rows optgptq --ab-env OPTGPTQ_PDL=0   # each optgptq batch again with PDL off (A/B)
     optgptq bench e2e --plot-only a.json [b.json]   # redraw the table and plots (merging runs) on any machine
 
 Configs (``--rows``; run in this order, each on a freshly built model so its peak memory is its own):
