@@ -5,7 +5,9 @@ references), for CUDA and ROCm.
 Paged attention (kernels in ``triton_paged_attention_kernel.py``): one program per (sequence, KV head, query tile,
 KV split); the query heads of a GQA group share the rows of one ``tl.dot`` tile, so K/V are read once per KV head.
 Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial and a second
-kernel combines them. Every choice is made from shapes only -- the longest context a step can have is
+kernel combines them. Where a split is one K/V tile (``ONE_TILE``: decode at small batch) the program has no loop,
+and with PDL it reads the context length, the block ids and keys older than the step's before it waits for the
+kernel before it (``early_kv_ok``): only the step's new keys and q wait. Every choice is made from shapes only -- the longest context a step can have is
 ``block_tables.shape[1] * block_size`` -- so a decode step can be captured in a CUDA graph (splits that start past a
 sequence's real context exit at once with a neutral partial).
 
@@ -16,6 +18,7 @@ fit 64 KB of LDS on AMD.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -38,30 +41,41 @@ def pick_config(batch: int, kv_heads: int, sq: int, group: int, head_dim: int, m
     """Tiles, warps, stages and KV splits for one call, from shapes only (CUDA-graph safe). Rows of a query tile
     are (query, head-in-group) pairs: 16 rows hold a decode step of GQA up to 16. On CUDA three stages let the
     pipeliner fetch block ids two tiles ahead and K/V one tile ahead (cp.async, ~39 KB of shared memory at head
-    128); ROCm builds get two stages (32 KB of the 64 KB LDS; prefill 40 KB)."""
+    128); ROCm builds get two stages (32 KB of the 64 KB LDS; prefill 40 KB). Decode with enough programs to fill
+    the GPU unsplit (batch >= 17 at 8 KV heads) takes 128-key tiles and 8 warps on CUDA: H100 session 11
+    (``paged_decode_probe.py --grid``, GQA 32/8, head 128) batch 64 x 2048 tokens 184.9 us against 207.5 with
+    64-key tiles and 4 warps, batch 32 x 4096 184.3 against 192.9, batch 32 x 512 29.1 against 29.7; with splits
+    (batch 1-8) the 64-key tiles stayed faster (600 tokens: 4.5 against 4.9 us at batch 1, 12.6 against 13.5 at 8)."""
     rows = sq * group
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     wide = dtype == torch.float32 or head_dim > 128
     cfg = dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if hip else 3)
     per_sequence = kv_heads * -(-rows // block_m)  # programs of one sequence, before splitting
     cfg["SPLITS"] = num_splits(batch * per_sequence, per_sequence, max_context, cfg["BLOCK_N"], num_sms)
+    if rows <= 16 and not wide and not hip and batch * per_sequence >= num_sms:  # decode, whole contexts
+        cfg.update(BLOCK_N=128, num_warps=8)
     return cfg
 
 
 def num_splits(programs: int, per_sequence: int, max_context: int, block_n: int, num_sms: int,
                min_tiles: int = 1) -> int:
     """KV splits for a call of ``programs`` (query tiles x KV heads x sequences). With fewer programs than SMs
-    (decode at small batch) the context is split as if the batch held one sequence, to about two programs per SM
-    for it, each split keeping at least ``min_tiles`` K/V tiles. One tile per split: a program's time is a chain of
-    dependent loads (context length, block ids, K, V) per tile, so the shortest chains win; H100, session 7, batch
-    1, GQA 32/8, head 128, 600 tokens in a 640-token table: 7.1 us with 10 one-tile splits against 8.8 with 5
-    two-tile ones (2000 in 2048: 10.1-10.4 with 32-40 splits, 10.8 with 16). The batch enters through that one
-    comparison only: under torch.compile with a dynamic batch it is a single guard (two compiled variants), not one
-    per batch size."""
+    (decode at small batch) the context is split as if the batch held one sequence: into one-tile splits where that
+    is at most ~4 programs per SM for it (``ONE_TILE``: no loop, and with PDL the loads start before the wait), else
+    into ~2 programs per SM, each split keeping at least ``min_tiles`` K/V tiles. A program's time is a chain of
+    dependent loads (context length, block ids, K, V) per tile, so the shortest chains win. H100, GQA 32/8, head
+    128, batch 1: session 7, 600 tokens in a 640-token table, 7.1 us with 10 one-tile splits against 8.8 with 5
+    two-tile ones; session 11, 4096 tokens, 11.7 us with 64 one-tile splits against 14.1-14.2 with 32-33 two-tile
+    ones, and 8192 tokens, 20.0 us with 33 four-tile splits against 21.5 with 64 two-tile ones. The batch enters
+    through that one comparison only: under torch.compile with a dynamic batch it is a single guard (two compiled
+    variants), not one per batch size."""
     if programs >= num_sms:
         return 1
     tiles = -(-max_context // block_n)
-    return max(1, min(-(-2 * num_sms // per_sequence), tiles // min_tiles, 128))
+    per_sm2 = -(-2 * num_sms // per_sequence)  # splits for ~2 programs per SM
+    if min_tiles == 1 and tiles <= 2 * per_sm2:
+        return max(1, min(tiles, 128))
+    return max(1, min(per_sm2, tiles // min_tiles, 128))
 
 
 @triton_op("optgptq::paged_attention_triton", mutates_args=())
@@ -101,10 +115,8 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     else:
         cfg = pick_config(b, hkv, sq, group, d, max_context, q.dtype, num_sms(device_index(q)),
                           hip=torch.version.hip is not None)
-    splits = cfg.pop("SPLITS")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    split_len = -(-max_context // (splits * block_n)) * block_n  # whole K/V tiles per split
-    splits = max(1, -(-max_context // split_len))
+    splits, split_len = split_plan(max_context, cfg.pop("SPLITS"), block_n)
     rows = sq * group
     split = splits > 1
     if split:  # fp32 partials, combined by the reduce kernel; every split writes all of its rows
@@ -127,13 +139,30 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **launch_options(use_pdl))
+        NUM_STAGES=cfg["num_stages"], PDL=use_pdl, ONE_TILE=split_len == block_n, EARLY_KV=early_kv_ok(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(use_pdl))
     if split:
         wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
             m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
             SPLITS_PAD=triton.next_power_of_2(splits), PDL=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out
+
+
+def split_plan(max_context: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(splits, keys per split): whole K/V tiles per split, no split left empty by the rounding."""
+    split_len = -(-max_context // (splits * block_n)) * block_n
+    return max(1, -(-max_context // split_len)), split_len
+
+
+def early_kv_ok() -> bool:
+    """May a one-tile program read the context length, block table and older keys before ``gdc_wait``? Those are
+    written by no kernel of ours (ours write activations, scratch and -- kv_write -- only the step's new keys), and
+    a kernel that is not ours releases the next one only when it ends, so they are complete once a chain of our PDL
+    kernels starts. Inductor's own PDL (``TORCHINDUCTOR_ENABLE_PDL=1``) releases its kernels early: then no.
+    ``OPTGPTQ_EARLY_KV=0`` turns it off (for measuring what it is worth)."""
+    from torch._inductor import config
+
+    return os.environ.get("OPTGPTQ_EARLY_KV", "1") != "0" and not config.triton.enable_pdl
 
 
 def _scratch(shape: tuple, device: torch.device) -> torch.Tensor:
@@ -207,8 +236,8 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
     """(label, kernel, signature, constexprs, options, extra) of what the launcher picks on CUDA (built for sm90) and
     on ROCm (built for gfx90a/gfx942, 64 KB LDS) for a 32-query-head model: decode (Sq=1) at batch 1 (split KV) for
     every head dim 64/80/128 x GQA 1/4/7 (32/32, 32/8, 28/4 heads), ALiBi alternating so each head dim and each
-    group is built with and without it; decode at batch 32 (no split); causal prefill (Sq=512); the split reduce and
-    the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the backend a config is for."""
+    group is built with and without it; decode at batch 1 in a 640-token table (one tile per split: ``ONE_TILE``);
+    decode at batch 32 (no split); causal prefill (Sq=512); the split reduce and the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the backend a config is for."""
     mod = kernels(KERNELS)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     attn_sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", bt_ptr="*i32", ctx_ptr="*i32",
@@ -216,22 +245,26 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
                     Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
                     stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32", stride_ks="i32",
                     stride_kh="i32", stride_btb="i32")
-    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi)
+    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi, longest context)
     for i, (d, (hkv, group)) in enumerate((d, hg) for d in (64, 80, 128) for hg in ((32, 1), (8, 4), (4, 7))):
         alibi = i % 2 == 1
-        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi))
-    cases += [("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True),
-              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False),
-              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True)]
+        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi, 4096))
+    cases += [("dot paged decode 640 d128 g4 one-tile", 1, 1, 8, 4, 128, False, 640),  # e2e.py's batch-1 table
+              ("dot paged decode 640 d80 g7 alibi one-tile", 1, 1, 4, 7, 80, True, 640),
+              ("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True, 4096),
+              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False, 4096),
+              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True, 4096)]
     specs = []
     for hip in (False, True):
         backend = "hip" if hip else "cuda"
-        for label, batch, sq, hkv, group, d, alibi in cases:
-            cfg = pick_config(batch, hkv, sq, group, d, 4096, torch_dtype, hip=hip)
-            split = cfg["SPLITS"] > 1
+        for label, batch, sq, hkv, group, d, alibi, context in cases:
+            cfg = pick_config(batch, hkv, sq, group, d, context, torch_dtype, hip=hip)
+            splits, split_len = split_plan(context, cfg["SPLITS"], cfg["BLOCK_N"])
+            split = splits > 1
             const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
-                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"], PDL=not hip)
+                         IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"], PDL=not hip,
+                         ONE_TILE=split_len == cfg["BLOCK_N"], EARLY_KV=True)
             sig = {**attn_sig, **{name: "constexpr" for name in const}}
             specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
                           const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),

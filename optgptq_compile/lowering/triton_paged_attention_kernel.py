@@ -13,6 +13,12 @@ the few tiles at the causal diagonal and the end of the context (masked). Keys p
 never visited. With SPLIT, a program covers only ``split_len`` keys and writes its partial (max, sum, acc) to fp32
 scratch; ``paged_attention_reduce_kernel`` combines the splits (a split that starts past the context writes the
 neutral partial: max -inf, sum 0, acc 0).
+
+ONE_TILE (split_len == BLOCK_N, decode at small batch: H100 session 7 found one tile per split fastest there) has
+no loop: a program's time is then a chain of dependent loads (context length, block ids, K/V). With PDL and
+EARLY_KV the chain starts before ``gdc_wait``: the context length, the block table and keys older than the step's
+Sq new ones are written by no kernel that can still be running (the launcher's ``early_kv_ok`` says why), so only
+the program whose tile holds a new key loads K/V after the wait, and every program loads q after it.
 """
 
 import triton
@@ -20,19 +26,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos, slope,
-                 stride_kb, stride_ks, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
-                 IEEE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """One K/V tile of keys start..start+BLOCK_N: online-softmax update of (acc, m_i, l_i)."""
+def _kv_offsets(start, bt_row_ptr, kv_head_off, key_end, stride_kb, stride_ks, MASKED: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys start..start+BLOCK_N: their positions [BN], pool offsets [BN] (through the block table) and, MASKED,
+    which are before ``key_end`` [BN] (the others are not looked up)."""
     kpos = start + tl.arange(0, BLOCK_N)  # [BN] key positions
-    d = tl.arange(0, D_PAD)  # [DP]
     if MASKED:
-        key_ok = kpos < ctx  # [BN]
+        key_ok = kpos < key_end  # [BN]
         block = tl.load(bt_row_ptr + kpos // BLOCK_SIZE, mask=key_ok, other=0)  # [BN] pool block of each token
     else:  # the whole tile lies inside the context
+        key_ok = kpos >= 0
         block = tl.load(bt_row_ptr + kpos // BLOCK_SIZE)
     token_off = block.to(tl.int64) * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head_off  # [BN]
+    return kpos, token_off, key_ok
+
+
+@triton.jit
+def _load_kv(k_ptr, v_ptr, token_off, key_ok, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """K and V [BN, DP] at the keys' pool offsets; MASKED: keys not ``key_ok`` are not read (zeros)."""
+    d = tl.arange(0, D_PAD)  # [DP]
     kv_off = token_off[:, None] + d[None, :]  # [BN, DP]
     if MASKED:
         if HEAD_DIM == D_PAD:
@@ -47,6 +59,13 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
     else:  # head dim 80: padded to 128 lanes
         k = tl.load(k_ptr + kv_off, mask=(d < HEAD_DIM)[None, :], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=(d < HEAD_DIM)[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k, v, kpos, ctx, qpos, slope, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+            ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with one K/V tile [BN, DP] at key positions kpos [BN]."""
     if IEEE:  # fp32 caches: exact fp32 products, not tf32
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BM, BN]
     else:
@@ -55,7 +74,7 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
     if ALIBI:  # slope * (key - query), log2 units
         s += slope[:, None] * (kpos[None, :] - qpos[:, None]).to(tl.float32)
     if MASKED:
-        allowed = key_ok[None, :]
+        allowed = (kpos < ctx)[None, :]
         if CAUSAL:
             allowed = allowed & (kpos[None, :] <= qpos[:, None])  # [BM, BN]
         s = tl.where(allowed, s, float("-inf"))
@@ -69,6 +88,18 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [BM, DP]
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos, slope,
+                 stride_kb, stride_ks, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr,
+                 IEEE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """One K/V tile of keys start..start+BLOCK_N: load it, then the online-softmax update."""
+    kpos, token_off, key_ok = _kv_offsets(start, bt_row_ptr, kv_head_off, ctx, stride_kb, stride_ks, MASKED,
+                                          BLOCK_SIZE, BLOCK_N)
+    k, v = _load_kv(k_ptr, v_ptr, token_off, key_ok, MASKED, HEAD_DIM, D_PAD)
+    return _attend(acc, m_i, l_i, q, k, v, kpos, ctx, qpos, slope, qk_scale, MASKED, CAUSAL, ALIBI, IEEE)
 
 
 @triton.jit
@@ -88,10 +119,14 @@ def paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
     IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # split_len == BLOCK_N: one K/V tile per program, no loop (decode at small batch)
+    EARLY_KV: tl.constexpr,  # with PDL and ONE_TILE: read the context length, block ids and older keys before
+    # gdc_wait (the module docstring says why that is safe; the launcher turns it off where it would not be)
 ):
     if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+        if not (ONE_TILE and EARLY_KV):
+            tl.extra.cuda.gdc_wait()
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes a Python float as fp64 (torch 2.11)
     pid_bh = tl.program_id(0)  # b * Hkv + kv head
     tile = tl.program_id(1)  # query tile
@@ -107,12 +142,6 @@ def paged_attention_kernel(
     d_ok = d < HEAD_DIM
     ctx = tl.load(ctx_ptr + b)
     qpos = ctx - Sq + qi  # [BM] position of each row's query in its sequence
-    q_off = b.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs  # [BM]
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, DP]
-    if ALIBI:
-        slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634  # [BM] log2 units
-    else:
-        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # keys this tile can see: [0, key_end); keys every (real, non-padding) row sees: [0, full_end)
     first_q = (tile * BLOCK_M) // GROUP
@@ -129,20 +158,41 @@ def paged_attention_kernel(
     lo = split * split_len  # split_len is a multiple of BLOCK_N: tiles stay aligned
     hi = tl.minimum(lo + split_len, key_end)  # <= lo: a split past the context, no iteration
     mid = tl.maximum(tl.minimum(full_end, hi), lo)
-
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_btb
     kv_head_off = kv_head * stride_kh
+
+    if ONE_TILE:  # keys lo..lo+BLOCK_N, masked past key_end (a split past the context reads nothing)
+        kpos, token_off, key_ok = _kv_offsets(lo, bt_row_ptr, kv_head_off, key_end, stride_kb, stride_ks, True,
+                                              BLOCK_SIZE, BLOCK_N)  # [BN] x 3
+        # keys before the step's Sq new ones are not being written now: with EARLY_KV they load before the wait
+        early = (kpos * 0 + lo + BLOCK_N) <= ctx - Sq  # [BN], all equal (the interpreter masks only with tensors)
+        k, v = _load_kv(k_ptr, v_ptr, token_off, key_ok & early, True, HEAD_DIM, D_PAD)  # [BN, DP] x 2
+        if PDL and EARLY_KV:
+            tl.extra.cuda.gdc_wait()  # the last kernel is done: q and the step's new keys are written
+        k_new, v_new = _load_kv(k_ptr, v_ptr, token_off, key_ok & ~early, True, HEAD_DIM, D_PAD)
+        k = tl.where(early[:, None], k, k_new)
+        v = tl.where(early[:, None], v, v_new)
+
+    q_off = b.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs  # [BM]
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, DP]
+    if ALIBI:
+        slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634  # [BM] log2 units
+    else:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in tl.range(lo, mid, BLOCK_N, num_stages=NUM_STAGES):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
-                                     slope, stride_kb, stride_ks, qk_scale, False, CAUSAL, ALIBI, IEEE, HEAD_DIM,
-                                     D_PAD, BLOCK_SIZE, BLOCK_N)
-    for start in tl.range(mid, hi, BLOCK_N, num_stages=NUM_STAGES):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
-                                     slope, stride_kb, stride_ks, qk_scale, True, CAUSAL, ALIBI, IEEE, HEAD_DIM,
-                                     D_PAD, BLOCK_SIZE, BLOCK_N)
+    if ONE_TILE:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, kpos, ctx, qpos, slope, qk_scale, True, CAUSAL, ALIBI, IEEE)
+    else:
+        for start in tl.range(lo, mid, BLOCK_N, num_stages=NUM_STAGES):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+                                         slope, stride_kb, stride_ks, qk_scale, False, CAUSAL, ALIBI, IEEE, HEAD_DIM,
+                                         D_PAD, BLOCK_SIZE, BLOCK_N)
+        for start in tl.range(mid, hi, BLOCK_N, num_stages=NUM_STAGES):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+                                         slope, stride_kb, stride_ks, qk_scale, True, CAUSAL, ALIBI, IEEE, HEAD_DIM,
+                                         D_PAD, BLOCK_SIZE, BLOCK_N)
 
     if SPLIT:  # a split with no key for a row (past the context, or a padding row) writes max -inf, sum 0, acc 0
         part = (pid_bh.to(tl.int64) * n_rows + rows) * num_splits + split  # [BM]

@@ -65,14 +65,17 @@ def test_pdl_chain_in_a_cuda_graph_is_bitwise_the_plain_chain(monkeypatch):
 
     g = torch.Generator().manual_seed(0)
     shapes = {"qkv": (768, 256), "o": (256, 256), "gate/up": (1024, 256), "down": (256, 512)}
-    ctx = 37  # tokens already cached, the new one included: ragged, past two blocks of 16
+    # tokens cached, the new one included: ragged, in a 128-key table; the launcher splits it into two 64-key tiles,
+    # the first read before the wait for kv_write (EARLY_KV), the second, with the new key, after it
+    ctx = 100
+    table = [5, 1, 7, 0, 9, 2, 8, 3]
     layers = []
     for i in range(3):
-        k_cache = torch.randn(8, 16, 2, 128, generator=g).to(torch.bfloat16).cuda()
-        v_cache = torch.randn(8, 16, 2, 128, generator=g).to(torch.bfloat16).cuda()
-        tables = torch.tensor([[5, 1, 7, 0]], dtype=torch.int32).cuda()
+        k_cache = torch.randn(10, 16, 2, 128, generator=g).to(torch.bfloat16).cuda()
+        v_cache = torch.randn(10, 16, 2, 128, generator=g).to(torch.bfloat16).cuda()
+        tables = torch.tensor([table], dtype=torch.int32).cuda()
         lens = torch.tensor([ctx], dtype=torch.int32).cuda()
-        slots = torch.tensor([7 * 16 + (ctx - 1) % 16], dtype=torch.int64).cuda()
+        slots = torch.tensor([table[(ctx - 1) // 16] * 16 + (ctx - 1) % 16], dtype=torch.int64).cuda()
         layers.append(({name: weights(n, k, 10 * i + j) for j, (name, (n, k)) in enumerate(shapes.items())},
                        (k_cache, v_cache, tables, lens, slots)))
     x0 = torch.randn(1, 256, generator=g).to(torch.bfloat16).cuda()

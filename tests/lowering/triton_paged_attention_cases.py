@@ -84,6 +84,10 @@ CASES = [
     # "SMs" and a 224-key table -> 4 one-tile splits of 64 keys), a context just past three 64-key tiles
     ("picked decode g4 d128 bs16", [193], 8, 2, 128, 1, 16, torch.float16, None),
     ("picked prefill g4 d64 bs16", [24, 11], 8, 2, 64, 24, 16, torch.float16, None),
+    # the launcher's choice with enough programs to fill the interpreter's 4 "SMs" unsplit (5 sequences x 2 KV
+    # heads): 128-key tiles, 8 warps; contexts ending on a tile (128), just past it (129), one token, and 193
+    # (a full tile, then a masked one)
+    ("picked batch decode g4 d128 bs16", [193, 40, 128, 129, 1], 8, 2, 128, 1, 16, torch.float16, None),
 ]
 
 
@@ -110,10 +114,14 @@ def test_every_split_writes_its_partials(monkeypatch):
 def test_split_count_from_shapes_only():
     """The number of splits depends on batch, heads and the table width, never on context_lens (CUDA graphs)."""
     assert T.num_splits(256, 8, max_context=4096, block_n=64, num_sms=132) == 1  # batch 32 x 8 KV heads: no split
-    assert T.num_splits(8, 8, max_context=4096, block_n=64, num_sms=132) == 33  # batch 1: ~2 programs per SM
-    assert T.num_splits(64, 8, max_context=4096, block_n=64, num_sms=132) == 33  # batch 8: split as batch 1
+    assert T.num_splits(8, 8, max_context=4096, block_n=64, num_sms=132) == 64  # batch 1: one tile a split
+    assert T.num_splits(64, 8, max_context=4096, block_n=64, num_sms=132) == 64  # batch 8: split as batch 1
+    assert T.num_splits(8, 8, max_context=8192, block_n=64, num_sms=132) == 33  # 128 tiles: ~2 programs per SM
     assert T.num_splits(8, 8, max_context=640, block_n=64, num_sms=132) == 10  # short context: one tile a split
     assert T.num_splits(8, 8, max_context=64, block_n=64, num_sms=132) == 1  # one tile: nothing to split
+    batch = T.pick_config(32, 8, 1, 4, 128, 4096, torch.float16, num_sms=132)  # unsplit decode: 128-key tiles
+    assert (batch["SPLITS"], batch["BLOCK_N"], batch["num_warps"]) == (1, 128, 8)
+    assert T.pick_config(32, 8, 1, 4, 128, 4096, torch.float16, num_sms=132, hip=True)["BLOCK_N"] == 64  # 64 KB LDS
     small = T.pick_config(1, 8, 1, 4, 128, 8192, torch.float16, num_sms=132)
     assert small["SPLITS"] > 1 and small["BLOCK_M"] == 16
     picked = T.pick_config(1, 2, 1, 4, 128, 224, torch.float16, num_sms=T.num_sms())  # the "picked decode" case
