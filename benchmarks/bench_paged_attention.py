@@ -262,7 +262,7 @@ def split_sweep(out, tiles=False):
         kv_bytes = 2 * b * length * HKV * D * 2
         case = Case(b, length, copies_for(kv_bytes))
         picked = T.pick_config(b, HKV, 1, HQ // HKV, D, length, torch.float16, sms)
-        configs = [dict(picked, SPLITS=s) for s in sorted({1, 2, 4, 8, 16, 32, 64, picked["SPLITS"]})]
+        configs = [dict(picked, SPLITS=s) for s in sorted({1, 2, 4, 8, 16, 32, 64, 128, picked["SPLITS"]})]
         if tiles:
             configs += [dict(BLOCK_M=16, BLOCK_N=bn, num_warps=nw, num_stages=ns, SPLITS=s)
                         for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)
@@ -404,6 +404,13 @@ def markdown(out) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(out, directory):
+    with open(os.path.join(directory, "bench_paged_attention.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    with open(os.path.join(directory, "bench_paged_attention.md"), "w") as f:
+        f.write(markdown(out))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1 and 32, contexts 512 and 4096; no split sweep")
@@ -432,18 +439,15 @@ def main(argv=None):
     stages += [lambda: kv_write_bench(out), lambda: prefill_bench(out)]
     if DEV == "cuda":  # Inductor compiles user Triton kernels for GPUs only
         stages += [lambda: inductor_check(out)]
+    os.makedirs(a.out, exist_ok=True)
     for stage in stages:
         try:
             stage()
         except Exception as exc:  # keep what was measured; report the failure
             out.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
             print("FAILED:", type(exc).__name__, exc, flush=True)
-            traceback.print_exc(limit=-8)  # where: a RecursionError on the H100 was not reproduced on the CPU
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "bench_paged_attention.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(a.out, "bench_paged_attention.md"), "w") as f:
-        f.write(markdown(out))
+            traceback.print_exc(limit=-8)
+        save(out, a.out)  # after every stage: a run cut short by a time limit keeps what it measured
     print(markdown(out))
     print(f"done in {time.time() - t0:.0f} s")
     return 1 if out.get("errors") else 0

@@ -1,6 +1,11 @@
 """Batch-1 paged decode at the e2e benchmark's shape: tiles x warps x KV splits, timed beside the launcher's choice.
 
     PYTHONPATH=. python benchmarks/paged_decode_probe.py [--out DIR]
+    PYTHONPATH=. python benchmarks/paged_decode_probe.py --grid '{"bn128w8": {"BLOCK_N": 128, "num_warps": 8}}'
+
+``--grid``: instead, batch 1/8/32/64 x contexts (full tables of 512/2048/4096 tokens, and the e2e batch-1/8 shape
+of 600 in 640) with the launcher's choice and each named override of ``pick_config`` (splits recomputed by the
+launcher's rule for the overridden tile), every config checked against the reference.
 
 GQA 32/8, head 128, fp16, block 16; one sequence of 600 tokens in a 640-token block table (a 512-token prompt
 with 128 new tokens: the batch-1 decode of benchmarks/e2e.py) and 2000 in 2048. The number of splits is chosen
@@ -37,10 +42,41 @@ def plan(width: int) -> list:
     return out
 
 
+def grid(overrides: dict) -> list:
+    results = []
+    for b, ctx_len, width in ((1, 600, 640), (8, 600, 640), (1, 4096, 4096), (8, 2048, 2048), (32, 512, 512),
+                              (32, 4096, 4096), (64, 2048, 2048)):
+        case = B.Case(b, width, B.copies_for(2 * b * width * B.HKV * B.D * 2))
+        case.ctx.fill_(ctx_len)
+        picked = P.pick_config(b, B.HKV, 1, B.HQ // B.HKV, B.D, width, torch.float16, num_sms=B._sms())
+        ref = torch_paged_attention(case.q, *case.pools[0], case.tables, case.ctx, None, True, case.scale)
+        for name, over in {"launcher": {}, **overrides}.items():
+            cfg = {**picked, **over}
+            if "SPLITS" not in over:  # the launcher's split rule for this tile
+                per_sequence = B.HKV * -(-(B.HQ // B.HKV) // cfg["BLOCK_M"])
+                cfg["SPLITS"] = P.num_splits(b * per_sequence, per_sequence, width, cfg["BLOCK_N"], B._sms())
+            fns = [lambda k=k, v=v, c=case, cfg=cfg: P.paged_attention_fwd(c.q, k, v, c.tables, c.ctx, None, True,
+                                                                           c.scale, config=cfg) for k, v in case.pools]
+            err = B.rel_err(fns[0](), ref)
+            assert err < 2e-3, (cfg, err)
+            us = time_graph(fns)
+            results.append(dict(batch=b, context=ctx_len, width=width, name=name, cfg=cfg, us=us, rel_err=err))
+            print(f"B={b:3d} {ctx_len:5d} in {width:5d}  {name:12s} {json.dumps(cfg):110s} {us:7.2f} us", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--grid", type=json.loads, default=None, help="name -> pick_config overrides, as JSON")
     a = ap.parse_args()
+    if a.grid is not None:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "paged_decode_grid.json"), "w") as f:
+            json.dump(grid(a.grid), f, indent=1)
+        return
     results = []
     for ctx_len, width in ((600, 640), (2000, 2048)):
         case = B.Case(1, width, B.copies_for(2 * width * B.HKV * B.D * 2))
