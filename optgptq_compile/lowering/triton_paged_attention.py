@@ -66,7 +66,8 @@ def num_splits(programs: int, per_sequence: int, max_context: int, block_n: int,
     dependent loads (context length, block ids, K, V) per tile, so the shortest chains win. H100, GQA 32/8, head
     128, batch 1: session 7, 600 tokens in a 640-token table, 7.1 us with 10 one-tile splits against 8.8 with 5
     two-tile ones; session 11, 4096 tokens, 11.7 us with 64 one-tile splits against 14.1-14.2 with 32-33 two-tile
-    ones, and 8192 tokens, 20.0 us with 33 four-tile splits against 21.5 with 64 two-tile ones. The batch enters
+    ones; 8192 tokens, 20.0 us with 33 four-tile splits against 21.5 with 64 two-tile ones (128 one-tile ones
+    18.3-18.7 us, not taken: this rule also splits batch 8, where more splits were slower). The batch enters
     through that one comparison only: under torch.compile with a dynamic batch it is a single guard (two compiled
     variants), not one per batch size."""
     if programs >= num_sms:
