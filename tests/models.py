@@ -55,3 +55,16 @@ def recording():
 
 def call_targets(gm: fx.GraphModule) -> list:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def gptq_linear_node(graph: fx.Graph, root: torch.nn.Module, x: fx.Node, weight, out_example: torch.Tensor,
+                     bits: int = 4) -> fx.Node:
+    """A hand-built Dynamo-style ``optgptq::gptq_linear`` call on ``x``: ``weight`` (a packed ``GPTQWeight``) becomes
+    buffers of ``root`` read by get_attr nodes; the node's example value is ``out_example``."""
+    names = ("qw", "qz", "sc", "gi")
+    for name, t in zip(names, (weight.qweight, weight.qzeros, weight.scales, weight.g_idx)):
+        root.register_buffer(name, t)
+    consts = [graph.get_attr(n) for n in names]
+    y = graph.call_function(torch.ops.optgptq.gptq_linear.default, (x, *consts, None, bits, weight.group_size))
+    y.meta["example_value"] = out_example
+    return y

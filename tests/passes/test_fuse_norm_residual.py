@@ -8,7 +8,7 @@ import optgptq_compile
 from optgptq_compile.config import OptGPTQConfig
 from optgptq_compile.context import PassContext
 from optgptq_compile.passes.fuse_norm_residual import fuse_norm_residual
-from tests.models import call_targets, recording, tiny_bloom, tiny_llama
+from tests.models import call_targets, gptq_linear_node, recording, tiny_bloom, tiny_llama
 
 GPTQ = torch.ops.optgptq.gptq_linear.default
 FUSED = torch.ops.optgptq.gptq_linear_fused.default
@@ -54,11 +54,7 @@ def test_broadcasting_add_is_reported_not_folded():
     x, r = graph.placeholder("x"), graph.placeholder("r")
     x.meta["example_value"], r.meta["example_value"] = torch.randn(2, 32), torch.randn(8)
     root = torch.nn.Module()
-    for name, t in (("qw", w.qweight), ("qz", w.qzeros), ("sc", w.scales), ("gi", w.g_idx)):
-        root.register_buffer(name, t)
-    consts = [graph.get_attr(n) for n in ("qw", "qz", "sc", "gi")]
-    y = graph.call_function(GPTQ, (x, *consts, None, 4, 32))
-    y.meta["example_value"] = torch.randn(2, 8)
+    y = gptq_linear_node(graph, root, x, w, torch.randn(2, 8))
     out = graph.call_function(torch.add, (y, r))
     out.meta["example_value"] = torch.randn(2, 8)
     graph.output(out)

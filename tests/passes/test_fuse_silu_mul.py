@@ -13,7 +13,7 @@ import optgptq_compile
 from optgptq_compile.config import OptGPTQConfig
 from optgptq_compile.context import PassContext
 from optgptq_compile.passes.fuse_silu_mul import fuse_silu_mul
-from tests.models import call_targets, recording, tiny_bloom, tiny_llama
+from tests.models import call_targets, gptq_linear_node, recording, tiny_bloom, tiny_llama
 
 GPTQ = torch.ops.optgptq.gptq_linear.default
 FUSED = torch.ops.optgptq.gptq_linear_fused.default
@@ -93,11 +93,7 @@ def _mlp_graph(split: str, silu_reused: bool = False, up_first: bool = False):
     x = graph.placeholder("x")
     x.meta["example_value"] = torch.randn(3, 32)
     root = torch.nn.Module()
-    for name, t in (("qw", w.qweight), ("qz", w.qzeros), ("sc", w.scales), ("gi", w.g_idx)):
-        root.register_buffer(name, t)
-    consts = [graph.get_attr(n) for n in ("qw", "qz", "sc", "gi")]
-    y = graph.call_function(GPTQ, (x, *consts, None, 4, 32))
-    y.meta["example_value"] = torch.empty(3, 16)
+    y = gptq_linear_node(graph, root, x, w, torch.empty(3, 16))
     if split == "aten":
         parts = graph.call_function(torch.ops.aten.split_with_sizes.default, (y, [8, 8], -1))
     else:
