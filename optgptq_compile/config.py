@@ -35,6 +35,7 @@ class OptGPTQConfig:
     fuse_projections: bool = True  # one gptq_linear for sibling projections of one input (q/k/v, gate/up)
     fuse_norm_residual: bool = True  # RMSNorm before / residual add after a gptq_linear folded into the call
     fuse_silu_mul: bool = True  # silu(gate) * up of a fused gate/up gptq_linear computed in the call's epilogue
+    fuse_rope_kv_write: bool = True  # RoPE of q and k computed by the paged KV write (one rope_kv_write op)
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
@@ -61,6 +62,7 @@ _ACCEPTED = {
     "fuse_projections": "True or False",
     "fuse_norm_residual": "True or False",
     "fuse_silu_mul": "True or False",
+    "fuse_rope_kv_write": "True or False",
 }
 
 
@@ -111,6 +113,7 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "fuse_projections": _is_bool,
         "fuse_norm_residual": _is_bool,
         "fuse_silu_mul": _is_bool,
+        "fuse_rope_kv_write": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

@@ -4,7 +4,7 @@
 ``linalg-on-tensors`` lower the whole graph, so every ``optgptq::*`` op is first decomposed into standard aten ops
 (``_decompositions``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
 as their plain-PyTorch references. In every form, Triton kernel variants appear as their base op and ``kv_write``
-as an aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become literals of the
+/ ``rope_kv_write`` as aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become literals of the
 module; parameters stay function arguments, in the order of the graph's placeholders.
 
 torch-mlir's own ``quant.matmul_rhs_group_quant`` linalg lowering (``torch-convert-custom-quant-op``) is not in
@@ -128,21 +128,32 @@ def kv_write_aten(
         flat.copy_(padded.index_put((slots,), new.to(cache.dtype))[:-1])
 
 
+def rope_kv_write_aten(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """``optgptq::rope_kv_write`` in aten ops: HF's RoPE of q and k, then ``kv_write_aten``; returns q_embed."""
+    from .lowering.rope_kv_write import torch_rope
+
+    q_embed, k_embed = torch_rope(q, k, cos, sin)
+    kv_write_aten(k_embed, v, k_cache, v_cache, slot_mapping)
+    return q_embed
+
+
 def _exportable(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm``, or a copy with two kinds of call swapped before torch.export sees them:
 
     - kernel variants (the Triton ops of ``lowering.KERNEL_VARIANTS``) back to their base op: same schema and
       semantics, and a ``triton_op`` would be traced into a Triton-kernel wrapper that torch-mlir cannot import;
-    - ``kv_write`` to ``kv_write_aten``: a mutating custom op reaches torch-mlir as ``auto_functionalized_v2``,
-      which its FX importer cannot import, even in the raw form.
+    - the mutating ops (``kv_write``, ``rope_kv_write``) to their aten forms: a mutating custom op reaches
+      torch-mlir as ``auto_functionalized_v2``, which its FX importer cannot import, even in the raw form.
     """
     from . import lowering
 
     swaps = {variant: base for base, variants in lowering.KERNEL_VARIANTS.items() for variant in variants.values()}
-    kv_write = getattr(torch.ops.optgptq, "kv_write", None)
-    if kv_write is not None:  # a Triton kv_write goes straight to the aten form too
-        swaps = {op: kv_write_aten if base == kv_write.default else base for op, base in swaps.items()}
-        swaps[kv_write.default] = kv_write_aten
+    ops = torch.ops.optgptq
+    for name, aten_form in (("kv_write", kv_write_aten), ("rope_kv_write", rope_kv_write_aten)):
+        if hasattr(ops, name):  # a Triton variant goes straight to the aten form too
+            base = getattr(ops, name).default
+            swaps = {op: aten_form if target == base else target for op, target in swaps.items()}
+            swaps[base] = aten_form
     if not any(n.op == "call_function" and n.target in swaps for n in gm.graph.nodes):
         return gm
     exportable = fx.GraphModule(gm, copy_module.deepcopy(gm.graph))

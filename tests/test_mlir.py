@@ -251,14 +251,15 @@ def test_bad_output_type_is_a_value_error():
 
 @needs_torch_mlir
 def test_paged_runtime_graph_exports_with_cache_updates():
-    """optgptq_compile.generate's graphs hold kv_write (mutates the pools) and paged_attention: both export; the
-    decomposed program returns the updated pools and computes the same logits and pools as the compiled graph."""
+    """optgptq_compile.generate's graphs hold rope_kv_write (mutates the pools) and paged_attention: both export;
+    the decomposed program returns the updated pools and computes the same logits and pools as the compiled graph."""
     model = tiny_llama(layers=1)
     model.forward = torch.compile(model.forward, backend="optgptq", options=OPTIONS)
     with mlir._capture_final_graphs() as graphs, torch.no_grad():
         optgptq_compile.generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], max_new_tokens=1)  # ragged prefill only
     gm, inputs = graphs[0]
-    assert {"optgptq.kv_write.default", "optgptq.paged_attention.default"} <= {str(n.target) for n in gm.graph.nodes}
+    assert {"optgptq.rope_kv_write.default", "optgptq.paged_attention.default"} <= {str(n.target)
+                                                                                     for n in gm.graph.nodes}
     raw = str(optgptq_compile.export_mlir(gm, inputs, "raw"))
     assert "torch.optgptq.paged_attention" in operators(raw)
     linalg = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")

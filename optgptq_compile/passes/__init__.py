@@ -1,7 +1,8 @@
 """The pass pipeline: each pass is ``fn(gm, ctx) -> changed`` in a file of its own, run in the order of ``PASSES``.
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
-must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops, and
+must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops (and the RoPE fold
+on the KV writes it leaves), and
 sibling projections are fused only once they are gptq_linear calls; the norm / residual fold runs on the fused calls
 (one norm then feeds one q/k/v call, not three), and the silu * up fold last, on the fused gate/up call (whose
 norm it keeps; its halves exist as one call's columns only after fuse_projections).
@@ -18,6 +19,7 @@ from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
 from .fuse_norm_residual import fuse_norm_residual
 from .fuse_projections import fuse_projections
+from .fuse_rope_kv_write import fuse_rope_kv_write
 from .fuse_silu_mul import fuse_silu_mul
 from .match_attention import match_attention
 from .paged_kv import paged_kv
@@ -29,6 +31,7 @@ PASSES: list[Pass] = [
     match_attention,
     convert_gqa,
     paged_kv,
+    fuse_rope_kv_write,
     calibrate_gptq,
     quantize_linear,
     fuse_projections,

@@ -72,7 +72,9 @@ def test_compiled_matches_hf_and_reads_blocks(name, form, references):
     assert out == ref
     assert last_stats()["preemptions"] > 0
     targets = {t for g in graphs for t in call_targets(g)}
-    assert torch.ops.optgptq.paged_attention.default in targets and torch.ops.optgptq.kv_write.default in targets
+    # Llama's RoPE goes into the KV write (fuse_rope_kv_write); BLOOM (ALiBi) keeps the plain write
+    write = torch.ops.optgptq.rope_kv_write.default if name == "llama" else torch.ops.optgptq.kv_write.default
+    assert torch.ops.optgptq.paged_attention.default in targets and write in targets
     assert torch.ops.optgptq.kv_gather.default not in targets and torch.ops.optgptq.attention.default not in targets
     assert optgptq_compile.stats()["fallbacks"] == 0
 
