@@ -9,10 +9,11 @@ is paged (``passes/fuse_rope_kv_write.py`` rewrites that)::
     kv_write(k_embed as [T, Hkv, D], v, k_cache, v_cache, slot_mapping)
     return q_embed
 
-On a GPU that is one kernel where it was two (Inductor's RoPE kernel, then ``kv_write``), and, more to the point, a
-kernel that takes part in programmatic dependent launch: Inductor's RoPE kernel released the next kernel only when
-it ended, so paged attention could not start its loads of older keys (``EARLY_KV``) until then; now it starts them
-while the q/k/v projection still runs.
+On a GPU that is one kernel where it was two (Inductor's RoPE kernel, then ``kv_write``), and one that takes part
+in programmatic dependent launch (Inductor's did not). H100 session 12 (``benchmarks/bench_rope_kv_write.py``):
+1.5-2.1 us against 3.5-5.0 for the two kernels at decode, 9.3 against 13.2 us for a 512-token prefill; a batch-1
+decode step of 4 layers did not get measurably faster (398 against 397-403 us: the time saved moved into the
+kernels around it).
 
 ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`` (HF's, the "non-interleaved" form Llama, Mistral, Qwen2 and
 SmolLM checkpoints use). Token ``t = b * Sq + s`` of k/v/slot_mapping is query position ``s`` of sequence ``b``.

@@ -2,8 +2,9 @@
 (``rope_kv_write.py``: contract and reference), for CUDA and ROCm. Kernel: ``triton_rope_kv_write_kernel.py``.
 
 Grid: (token blocks of ``BLOCK_T``, q heads + KV heads). A decode step of a 7B model at batch 1 is 64 programs of
-one token (32 q heads, 32 KV heads); at batch 8 the same 64 of 8 tokens. With PDL the kernel releases the next one
-(paged attention) first thing, so that kernel's early loads of older keys overlap the q/k/v projection.
+one token (32 q heads, 32 KV heads); at batch 8 the same 64 of 8 tokens. With PDL it releases the next kernel (paged
+attention, whose one-tile splits then load older keys early) once the q/k/v projection has ended: the kernel
+docstring says why not before.
 Portability: no inline asm, ``tl.extra.cuda`` only under PDL (never on ROCm), no assumption on lanes per warp.
 """
 

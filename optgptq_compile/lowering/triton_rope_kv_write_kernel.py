@@ -44,9 +44,11 @@ def rope_kv_write_kernel(
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:  # programmatic dependent launch (triton_utils.pdl): wait for the q/k/v projection, then let the next
+        # kernel (paged attention) start: released before the wait, its early K/V loads competed with the
+        # projection's weight stream (H100 session 12, RESULTS.md: a 4-layer step 402-409 us against 398)
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     HALF: tl.constexpr = HEAD_DIM // 2
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] token = b * Sq + s
     head = tl.program_id(1)  # q heads 0..Hq-1, then KV heads

@@ -11,9 +11,8 @@ every reader of q_embed comes after it. It becomes ``q_embed = rope_kv_write(q, 
 D), v, cos, sin, k_cache, v_cache, slot_mapping)``: the transpose and reshape now read the projection output
 directly (a view at decode and prefill alike), and the RoPE arithmetic dies.
 
-Why (``lowering/rope_kv_write.py``): on the GPU the RoPE moves out of an Inductor kernel, which released the next
-kernel only when it ended, into ours, which takes part in programmatic dependent launch; paged attention then starts
-its loads of older keys while the q/k/v projection still runs. Left alone, with the reason in the report: a RoPE
+Why (``lowering/rope_kv_write.py``): on the GPU two kernels per layer become one, which takes part in programmatic
+dependent launch where Inductor's RoPE kernel did not. Left alone, with the reason in the report: a RoPE
 whose keys are also used elsewhere, q and k rotated with different cos/sin, no (or more than one) rotated query,
 readers of q_embed before the write, partial or interleaved rotary forms (they do not match rotate_half). Layers
 without RoPE (BLOOM's ALiBi) are not candidates. ``options={"fuse_rope_kv_write": False}`` turns the pass off.
