@@ -4,17 +4,12 @@ references), for CUDA and ROCm.
 
 Paged attention (kernels in ``triton_paged_attention_kernel.py``): one program per (sequence, KV head, query tile,
 KV split); the query heads of a GQA group share the rows of one ``tl.dot`` tile, so K/V are read once per KV head.
-Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial, and the last
-split of a query tile to arrive (an int32 counter per (sequence x KV head, query tile), ``_split_counters``) combines
-them in the same launch (``FUSED_REDUCE``; the kernel module's docstring says why the memory ordering holds).
-``OPTGPTQ_FUSED_REDUCE=0`` launches the second kernel that combined them before (``paged_attention_reduce_kernel``),
-for A/B timing: on the H100 it ended ~1.5 us after the attention kernel in every batch-1 decode layer (session 8's
-in-kernel combine, since reverted, was slower than it then). Where a split is one K/V tile (``ONE_TILE``: decode at
-small batch) the program has no loop, and with PDL it reads the context length, the block ids and keys older than
-the step's before it waits for the kernel before it (``early_kv_ok``): only the step's new keys and q wait. Every
-choice is made from shapes only -- the longest context a step can have is ``block_tables.shape[1] * block_size``
--- so a decode step can be captured in a CUDA graph (splits that start past a sequence's real context exit at once
-with a neutral partial, and still count themselves in).
+Decode (Sq = 1) and small batches split the context (flash-decoding): each split writes an fp32 partial and a second
+kernel combines them. Where a split is one K/V tile (``ONE_TILE``: decode at small batch) the program has no loop,
+and with PDL it reads the context length, the block ids and keys older than the step's before it waits for the
+kernel before it (``early_kv_ok``): only the step's new keys and q wait. Every choice is made from shapes only -- the longest context a step can have is
+``block_tables.shape[1] * block_size`` -- so a decode step can be captured in a CUDA graph (splits that start past a
+sequence's real context exit at once with a neutral partial).
 
 KV write: one program per 16 tokens of one KV head; slot -1 (padding) is neither read nor stored.
 Portability: no inline asm, no ``tl.extra.cuda``, dot tiles >= 16, no assumption on lanes per warp, tiles sized to
@@ -125,8 +120,7 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     splits, split_len = split_plan(max_context, cfg.pop("SPLITS"), block_n)
     rows = sq * group
     split = splits > 1
-    fused = split and fused_reduce_ok()
-    if split:  # fp32 partials, combined by the last split to arrive or the reduce kernel; every split writes its rows
+    if split:  # fp32 partials, combined by the reduce kernel; every split writes all of its rows
         m_part = _scratch((b * hkv, rows, splits), q.device)
         l_part = _scratch((b * hkv, rows, splits), q.device)
         acc_part = _scratch((b * hkv, rows, splits, d), q.device)
@@ -137,25 +131,18 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     mod = kernels(KERNELS)
     d_pad = triton.next_power_of_2(d)
     grid = (b * hkv, -(-rows // block_m), splits)
-    if fused:
-        counters = _split_counters(q, grid[0] * grid[1])
-        reduce_m, reduce_s = reduce_plan(sq, group, block_m, splits, d_pad)
-        reduce_m, reduce_s = cfg.get("REDUCE_M", reduce_m), cfg.get("REDUCE_S", reduce_s)  # tests: smaller loads
-    else:  # never dereferenced; one build of the kernel without FUSED_REDUCE whatever the shape
-        counters, reduce_m, reduce_s = context_lens, 1, 1
     use_pdl = pdl(q)
     # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
     wrap_triton(mod.paged_attention_kernel)[grid](
         q, k_cache, v_cache, block_tables, context_lens, alibi_slopes if alibi_slopes is not None else context_lens,
-        out, m_part, l_part, acc_part, counters, sq, hkv, splits, split_len, scale * LOG2E,
+        out, m_part, l_part, acc_part, sq, hkv, splits, split_len, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
         NUM_STAGES=cfg["num_stages"], PDL=use_pdl, ONE_TILE=split_len == block_n, EARLY_KV=early_kv_ok(),
-        FUSED_REDUCE=fused, REDUCE_M=reduce_m, REDUCE_S=reduce_s,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(use_pdl))
-    if split and not fused:
+    if split:
         wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
             m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
             SPLITS_PAD=triton.next_power_of_2(splits), PDL=use_pdl, num_warps=4, **launch_options(use_pdl))
@@ -179,65 +166,9 @@ def early_kv_ok() -> bool:
     return os.environ.get("OPTGPTQ_EARLY_KV", "1") != "0" and not config.triton.enable_pdl
 
 
-def fused_reduce_ok() -> bool:
-    """Does the last split of a query tile to arrive combine the partials (one launch), rather than
-    ``paged_attention_reduce_kernel`` after the attention kernel? ``OPTGPTQ_FUSED_REDUCE=0``: the two kernels (for
-    A/B timing)."""
-    return os.environ.get("OPTGPTQ_FUSED_REDUCE", "1") != "0"
-
-
-REDUCE_ELEMS = 8192  # fp32 acc elements one combine load takes at most (4 rows or fewer; half that above)
-
-
-def reduce_plan(sq: int, group: int, block_m: int, splits: int, d_pad: int) -> tuple[int, int]:
-    """(REDUCE_M, REDUCE_S) of the fused split combine (``_combine_splits``), from shapes only: the rows it combines
-    at once -- decode (Sq = 1): the group's rows of its one tile, a power of two (GQA 4: 4 of the 16, so its loads
-    and registers are 4x smaller), else the tile's, at most 16 -- and the splits one load takes. The last program's
-    time is a chain of L2 round trips (atomic, then one per load), so a load takes as many splits as registers allow:
-    REDUCE_ELEMS acc elements (64 a thread at 4 warps) for up to 4 rows, half that for more. sm90 builds (AOT specs,
-    batch-1 decode, 4 warps): GQA 4 at head 128 takes 16 splits a load -- the e2e 640-token table's 10 splits in one
-    -- at 160 registers against 130 for the kernel without the combine (145 with 8 splits a load); GQA 7 with 8192
-    elements took 187-190 against 136-152 (3 -> 2 programs per SM where many splits share an SM, batch 8), with
-    4096 165-168 (still 3). No spills."""
-    rows = min(triton.next_power_of_2(group) if sq == 1 else block_m, block_m, 16)
-    elems = REDUCE_ELEMS if rows <= 4 else REDUCE_ELEMS // 2
-    per_load = max(1, elems // (rows * d_pad))
-    return rows, min(triton.next_power_of_2(splits), 1 << (per_load.bit_length() - 1))  # powers of two
-
-
 def _scratch(shape: tuple, device: torch.device) -> torch.Tensor:
     """Uninitialized fp32 split partials (a test fills them with NaN to prove every split writes its rows)."""
     return torch.empty(shape, device=device, dtype=torch.float32)
-
-
-# device -> int32 counters, zero between launches: the fused split combine's last-arrival detection, one per
-# (sequence x KV head, query tile). Every fused launch on a device uses the same counters and leaves them zero, so
-# launches must not run concurrently on two streams of one device (the runtime and Inductor issue them on one
-# stream). The launcher splits only calls of fewer programs than SMs (``num_splits``), so the first allocation,
-# COUNTERS >= any GPU's SM count, covers every call it makes; only a ``config`` override with a larger grid grows the
-# buffer, and that must not happen inside a CUDA-graph capture (the fill would only be recorded, not run: the new
-# counters would hold garbage until the first replay), which is refused below. A replaced buffer is kept alive: a
-# graph captured earlier still points at it.
-_counters: dict = {}
-_retired: list = []
-COUNTERS = 4096
-
-
-def _split_counters(q: torch.Tensor, n: int) -> torch.Tensor:
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(q):  # traced into a graph (Inductor inlining the kernel): a fresh zeroed buffer per call
-        return torch.zeros(n, device=q.device, dtype=torch.int32)
-    counters = _counters.get(q.device)
-    if counters is None or counters.numel() < n:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"paged_attention_triton: {n} split counters needed inside a CUDA-graph capture, "
-                               f"{0 if counters is None else counters.numel()} allocated; run the shape once "
-                               "before capturing")
-        if counters is not None:
-            _retired.append(counters)
-        counters = _counters[q.device] = torch.zeros(max(n, COUNTERS), device=q.device, dtype=torch.int32)
-    return counters
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,47 +238,36 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
     on ROCm (built for gfx90a/gfx942, 64 KB LDS) for a 32-query-head model: decode (Sq=1) at batch 1 (split KV) for
     every head dim 64/80/128 x GQA 1/4/7 (32/32, 32/8, 28/4 heads), ALiBi alternating so each head dim and each
     group is built with and without it; decode at batch 1 in a 640-token table (one tile per split: ``ONE_TILE``);
-    decode at batch 32 (no split); causal prefill (Sq=512). Split builds combine in the kernel (``FUSED_REDUCE``, the
-    launcher's default), and two of them are also built as the two-kernel path (``OPTGPTQ_FUSED_REDUCE=0``) with the
-    split reduce for each head dim; the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the
-    backend a config is for."""
+    decode at batch 32 (no split); causal prefill (Sq=512); the split reduce and the KV write for each head dim. ``extra``: the JIT's divisibility attrs and the backend a config is for."""
     mod = kernels(KERNELS)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     attn_sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", bt_ptr="*i32", ctx_ptr="*i32",
                     slopes_ptr="*fp32", out_ptr=f"*{dtype}", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
-                    lock_ptr="*i32", Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
+                    Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
                     stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32", stride_ks="i32",
                     stride_kh="i32", stride_btb="i32")
-    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi, longest context, fused reduce)
+    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi, longest context)
     for i, (d, (hkv, group)) in enumerate((d, hg) for d in (64, 80, 128) for hg in ((32, 1), (8, 4), (4, 7))):
         alibi = i % 2 == 1
-        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi, 4096,
-                      True))
-    cases += [("dot paged decode 640 d128 g4 one-tile", 1, 1, 8, 4, 128, False, 640, True),  # e2e.py's batch 1
-              ("dot paged decode 640 d80 g7 alibi one-tile", 1, 1, 4, 7, 80, True, 640, True),
-              ("dot paged decode d128 g4 two-kernel", 1, 1, 8, 4, 128, False, 4096, False),
-              ("dot paged decode 640 d128 g4 one-tile two-kernel", 1, 1, 8, 4, 128, False, 640, False),
-              ("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True, 4096, True),
-              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False, 4096, True),
-              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True, 4096, True)]
+        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi, 4096))
+    cases += [("dot paged decode 640 d128 g4 one-tile", 1, 1, 8, 4, 128, False, 640),  # e2e.py's batch-1 table
+              ("dot paged decode 640 d80 g7 alibi one-tile", 1, 1, 4, 7, 80, True, 640),
+              ("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True, 4096),
+              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False, 4096),
+              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True, 4096)]
     specs = []
     for hip in (False, True):
         backend = "hip" if hip else "cuda"
-        for label, batch, sq, hkv, group, d, alibi, context, fused in cases:
+        for label, batch, sq, hkv, group, d, alibi, context in cases:
             cfg = pick_config(batch, hkv, sq, group, d, context, torch_dtype, hip=hip)
             splits, split_len = split_plan(context, cfg["SPLITS"], cfg["BLOCK_N"])
             split = splits > 1
-            fused = fused and split
-            d_pad = triton.next_power_of_2(d)
-            reduce_m, reduce_s = reduce_plan(sq, group, cfg["BLOCK_M"], splits, d_pad) if fused else (1, 1)
-            const = dict(GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=16,
+            const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
                          IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"], PDL=not hip,
-                         ONE_TILE=split_len == cfg["BLOCK_N"], EARLY_KV=True, FUSED_REDUCE=fused,
-                         REDUCE_M=reduce_m, REDUCE_S=reduce_s)
+                         ONE_TILE=split_len == cfg["BLOCK_N"], EARLY_KV=True)
             sig = {**attn_sig, **{name: "constexpr" for name in const}}
-            kind = " fused split" if fused else " split" if split else ""
-            specs.append((f"{label} {backend}{kind}", mod.paged_attention_kernel, sig,
+            specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
                           const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                           dict(attrs=_aligned(mod.paged_attention_kernel, sig), backends=(backend,))))
     for d in (64, 80, 128):  # the same build on every backend

@@ -11,36 +11,8 @@ elements. Softmax is online, in fp32, in base 2 (``qk_scale`` includes log2(e), 
 The key range of a program is cut in two loops: tiles every row of the tile may see in full (no mask at all), then
 the few tiles at the causal diagonal and the end of the context (masked). Keys past what the tile can see are
 never visited. With SPLIT, a program covers only ``split_len`` keys and writes its partial (max, sum, acc) to fp32
-scratch (a split that starts past the context writes the neutral partial: max -inf, sum 0, acc 0). The partials of
-the splits are combined (out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M the largest m_s) either by a
-second kernel, ``paged_attention_reduce_kernel``, or, FUSED_REDUCE, by the last split to arrive:
-
-FUSED_REDUCE (the launcher's default for split calls; ``OPTGPTQ_FUSED_REDUCE=0`` selects the two kernels), the
-split-K epilogue of ``triton_gptq_gemv_kernel.py``: after its partial stores a program counts itself in on an int32
-counter of its (sequence x KV head, query tile); the one that sees ``num_splits - 1`` others before it combines every
-split's partial for the tile's rows (``_combine_splits``: ``REDUCE_S`` splits a load, an online combine, only the
-rows that exist, only the splits that hold a key of the tile), writes the output and sets the counter back to 0 for
-the next launch (or CUDA-graph replay). Why the last program sees every other program's partial:
-
-* each program's threads store their part of its partial, then ``tl.debug_barrier()`` (bar.sync: the CTA's stores
-  are performed with respect to all its threads before any passes it), then one thread's ``atomic_add(sem="acq_rel",
-  scope="gpu")`` (the sm90 build: MEMBAR.GPU, ATOMG.ADD.STRONG.GPU): its release half is cumulative over what the
-  barrier ordered before it, so the whole CTA's partial is visible at GPU scope before the increment is;
-* read-modify-writes continue release sequences, so the program whose add returns ``num_splits - 1`` (the value
-  the other programs' adds left) synchronizes with every one of their releases: its acquire half (then CCTL.IVALL,
-  an L1 invalidate) makes all their partials visible to it. Triton hands the scalar result to the CTA's threads
-  through shared memory and a barrier, so every thread's partial loads come after the acquire. They are ``.cg``
-  anyway (from L2; an L1 line of this SM from an earlier launch or replay could hold an older partial), in a loop
-  with ``num_stages=1`` (pipelined, the small loads became cp.async through L1 in session 8's build);
-* the reset (``atomic_xchg``) follows the last program's loads; the next launch on the counters sees them zero
-  because it touches them only after this kernel has ended: without PDL it starts after, and with PDL every program
-  of this kernel touches the counters only after its own ``gdc_wait`` (the partial stores come after the K/V
-  loads), which returns once the kernel before it has ended -- and that one waited for its own predecessor, back to
-  the last launch of this kernel. Launches sharing the counters must not run concurrently on two streams (the
-  launcher's ``_split_counters``). The sum is in split order whichever program arrives last: deterministic.
-
-ROCm builds get the same atomics (agent scope, with the L2 writeback/invalidate the AMDGPU memory model emits) and a
-workgroup barrier with workgroup fences; like every kernel here, not run on AMD hardware yet.
+scratch; ``paged_attention_reduce_kernel`` combines the splits (a split that starts past the context writes the
+neutral partial: max -inf, sum 0, acc 0).
 
 ONE_TILE (split_len == BLOCK_N, decode at small batch: H100 session 7 found one tile per split fastest there) has
 no loop: a program's time is then a chain of dependent loads (context length, block ids, K/V). With PDL and
@@ -131,95 +103,6 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
 
 
 @triton.jit
-def _split_weight(m, m_max):
-    """2^(m - m_max): a split partial's weight against the largest max m_max (log2 units). A partial that saw no key
-    (m = -inf) weighs 0, also when no partial has seen one (m_max = -inf: exp2(-inf - 0) = 0, never NaN)."""
-    return tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-
-
-@triton.jit
-def _normalized(acc, l):
-    """acc [R, DP] / l [R]; a row with no key at all (context 0, a padding row: l = 0) gives zeros, not NaN."""
-    keep = l > 0.0  # [R]
-    return tl.where(keep[:, None], acc / tl.where(keep, l, 1.0)[:, None], 0.0)
-
-
-@triton.jit
-def _store_rows(out_ptr, out, b, kv_head, rows, row_ok, Sq, Hkv, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                D_PAD: tl.constexpr):
-    """out [R, DP] (fp32) of rows [R] (row = query * GROUP + head in group) of sequence b, KV head kv_head into
-    out_ptr [B, Hq, Sq, D], in its dtype."""
-    d = tl.arange(0, D_PAD)  # [DP]
-    head = kv_head * GROUP + rows % GROUP  # [R] query head
-    o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + rows // GROUP) * HEAD_DIM  # [R]
-    tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _combine_splits(m_ptr, l_ptr, acc_ptr, first_row, n, live_splits, num_splits, HEAD_DIM: tl.constexpr,
-                    D_PAD: tl.constexpr, REDUCE_M: tl.constexpr, REDUCE_S: tl.constexpr):
-    """Normalized output [RM, DP] (fp32) of the REDUCE_M partial rows from ``first_row`` (an index into
-    [B * Hkv, Sq * GROUP]; those from n on are not read) from the partials of splits 0..live_splits (the later ones
-    lie past every key of these rows: neutral, not read). Online over chunks of REDUCE_S splits, in split order: one
-    L2 round trip per chunk (m, l and acc loads together), never [RM, all splits, DP] in registers at once."""
-    r = tl.arange(0, REDUCE_M)  # [RM]
-    d = tl.arange(0, D_PAD)  # [DP]
-    # the rows' partials are one run of rows x splits (x D): a 64-bit base, 32-bit offsets (fewer registers)
-    first = first_row.to(tl.int64) * num_splits
-    m_ptr += first
-    l_ptr += first
-    acc_ptr += first * HEAD_DIM
-    row_part = r * num_splits  # [RM] a row's first partial
-    row_ok = r < n
-    m_run = tl.full([REDUCE_M], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([REDUCE_M], dtype=tl.float32)
-    acc_run = tl.zeros([REDUCE_M, D_PAD], dtype=tl.float32)
-    # num_stages=1: pipelined, the 4-byte m/l loads would become cp.async through L1 (.cg lost; session 8)
-    for s0 in tl.range(0, live_splits, REDUCE_S, num_stages=1):
-        s = s0 + tl.arange(0, REDUCE_S)  # [RS]
-        ok = row_ok[:, None] & (s < live_splits)[None, :]  # [RM, RS]
-        part = row_part[:, None] + s[None, :]  # [RM, RS]
-        # .cg: from L2, where the other programs' stores went; never a stale L1 line of an earlier launch
-        m = tl.load(m_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")  # [RM, RS]
-        l = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")  # [RM, RS]
-        acc = tl.load(acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
-                      mask=ok[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0,
-                      cache_modifier=".cg")  # [RM, RS, DP]
-        m_new = tl.maximum(m_run, tl.max(m, axis=1))  # [RM]
-        alpha = _split_weight(m_run, m_new)  # [RM] rescales what the earlier chunks summed
-        w = _split_weight(m, m_new[:, None])  # [RM, RS]
-        l_run = l_run * alpha + tl.sum(w * l, axis=1)
-        acc_run = acc_run * alpha[:, None] + tl.sum(w[:, :, None] * acc, axis=1)  # [RM, DP]
-        m_run = m_new
-    return _normalized(acc_run, l_run)
-
-
-@triton.jit
-def _reduce_if_last(m_ptr, l_ptr, acc_ptr, lock_ptr, out_ptr, pid_bh, b, kv_head, tile, key_end, Sq, Hkv,
-                    num_splits, split_len, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, REDUCE_M: tl.constexpr, REDUCE_S: tl.constexpr):
-    """FUSED_REDUCE, after this program stored its partial: count it in; the last split of the (sequence x KV head,
-    query tile) to arrive combines every split's partial of the tile's rows into the output and zeroes the counter
-    (the module docstring says why the memory ordering holds)."""
-    tl.debug_barrier()  # every thread's partial is stored before the release below
-    counter = lock_ptr + pid_bh * tl.num_programs(1) + tile
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:  # the last split of this tile: every other partial is visible now
-        n_rows = Sq * GROUP
-        # splits from lo = s * split_len >= key_end (the tile's last visible key) wrote neutral partials: not read
-        live_splits = tl.minimum(tl.cdiv(tl.maximum(key_end, 0), split_len), num_splits)
-        row_end = tl.minimum(tile * BLOCK_M + BLOCK_M, n_rows)
-        # REDUCE_M rows at a time: decode's GROUP rows (GQA 4: 4 of the tile's 16) in one pass
-        for r0 in tl.range(tile * BLOCK_M, row_end, REDUCE_M, num_stages=1):
-            out = _combine_splits(m_ptr, l_ptr, acc_ptr, pid_bh * n_rows + r0, row_end - r0, live_splits,
-                                  num_splits, HEAD_DIM, D_PAD, REDUCE_M, REDUCE_S)  # [RM, DP]
-            rows = r0 + tl.arange(0, REDUCE_M)  # [RM]
-            _store_rows(out_ptr, out, b, kv_head, rows, rows < row_end, Sq, Hkv, GROUP, HEAD_DIM, D_PAD)
-        tl.atomic_xchg(counter, 0)  # zero again for the next launch (or graph replay)
-
-
-@triton.jit
 def paged_attention_kernel(
     q_ptr,  # [B, Hq, Sq, D], last dim contiguous
     k_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
@@ -231,7 +114,6 @@ def paged_attention_kernel(
     m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] running max, log2 units (written with SPLIT)
     l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] softmax denominators
     acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D] unnormalized outputs
-    lock_ptr,  # int32 [>= B * Hkv * query tiles] arrival counters, all zero between launches (FUSED_REDUCE only)
     Sq, Hkv, num_splits, split_len, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_ks, stride_kh, stride_btb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -240,9 +122,6 @@ def paged_attention_kernel(
     ONE_TILE: tl.constexpr,  # split_len == BLOCK_N: one K/V tile per program, no loop (decode at small batch)
     EARLY_KV: tl.constexpr,  # with PDL and ONE_TILE: read the context length, block ids and older keys before
     # gdc_wait (the module docstring says why that is safe; the launcher turns it off where it would not be)
-    FUSED_REDUCE: tl.constexpr,  # with SPLIT: the last split of a query tile to arrive combines the partials
-    REDUCE_M: tl.constexpr,  # FUSED_REDUCE: partial rows combined at once (a power of two)
-    REDUCE_S: tl.constexpr,  # FUSED_REDUCE: splits per combine load (a power of two)
 ):
     if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
         tl.extra.cuda.gdc_launch_dependents()
@@ -320,11 +199,12 @@ def paged_attention_kernel(
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-        if FUSED_REDUCE:  # after the PDL wait (above): the counters are this kernel's alone now
-            _reduce_if_last(m_ptr, l_ptr, acc_ptr, lock_ptr, out_ptr, pid_bh, b, kv_head, tile, key_end, Sq, Hkv,
-                            num_splits, split_len, GROUP, HEAD_DIM, D_PAD, BLOCK_M, REDUCE_M, REDUCE_S)
     else:
-        _store_rows(out_ptr, _normalized(acc, l_i), b, kv_head, rows, row_ok, Sq, Hkv, GROUP, HEAD_DIM, D_PAD)
+        keep = l_i > 0.0  # no key at all (context 0, padding row): zeros, not NaN
+        out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+        o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + qi) * HEAD_DIM  # [BM]
+        tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -348,7 +228,8 @@ def paged_attention_reduce_kernel(
     base = (pid_bh.to(tl.int64) * (Sq * GROUP) + row) * num_splits
     m = tl.load(m_ptr + base + s, mask=s_ok, other=float("-inf"))  # [SP]
     l = tl.load(l_ptr + base + s, mask=s_ok, other=0.0)  # [SP]
-    w = _split_weight(m, tl.max(m, axis=0))  # [SP]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))  # [SP]
     total = tl.sum(w * l, axis=0)
     acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
                   mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SP, DP]

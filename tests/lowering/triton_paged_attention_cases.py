@@ -98,157 +98,16 @@ def test_paged_attention_matches_reference(case, alibi, causal):
     _check(lens, hq, hkv, d, sq, bs, dtype, config, alibi, causal)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the split combine: in the kernel (FUSED_REDUCE, the last split of a query tile to arrive) or the reduce kernel
-
-
-@pytest.fixture(params=["fused", "two-kernel"])
-def reduce_path(request, monkeypatch):
-    """Runs a test on both combine paths (``OPTGPTQ_FUSED_REDUCE``) with fresh counters, and checks afterwards that
-    the path asked for is the one that ran (the kernels launched) and that every counter is zero again."""
-    fused = request.param == "fused"
-    monkeypatch.setenv("OPTGPTQ_FUSED_REDUCE", "1" if fused else "0")
-    monkeypatch.setattr(T, "_counters", {})
-    launched = []
-
-    def spy(kernel):
-        launched.append(kernel.__name__)
-        return torch.library.wrap_triton(kernel)
-
-    monkeypatch.setattr(T, "wrap_triton", spy)
-    yield fused
-    assert "paged_attention_kernel" in launched
-    assert ("paged_attention_reduce_kernel" in launched) != fused
-    counters = T._counters.get(torch.device("cpu"))
-    assert (counters is not None) == fused
-    assert counters is None or not counters.any()  # zero again: the next launch (a graph replay) counts from 0
-
-
-def _split_args(case):
-    _, lens, hq, hkv, d, sq, bs, dtype, config, spare = case
-    return lens, hq, hkv, d, sq, bs, dtype, config, spare
-
-
-def scfg(block_m=16, block_n=16, splits=4, **reduce):
-    return dict(cfg(block_m, block_n, splits), **reduce)
-
-
-# (id, context_lens, Hq, Hkv, D, Sq, block_size, dtype, config, spare table blocks) -- every one split; with the
-# fused path the last split to arrive combines, reading only the splits that hold a key of its tile
-SPLIT_CASES = [
-    # GQA 4, head 128 (4 of 16 rows: REDUCE_M 4), 8 one-tile splits of 16 keys over a 128-key table: contexts end on
-    # a block and split (16, 64), just past one (17, 65), 1 token, 100 (the last split lies past every context)
-    ("g4 d128 ragged", [16, 17, 1, 64, 65, 100], 8, 2, 128, 1, 16, torch.float16, scfg(splits=8), 1),
-    # the same, 2 splits a combine load: 4 loads for 100 tokens, the 65-token context's last load half masked
-    ("g4 d128 two splits a load", [16, 17, 1, 64, 65, 100], 8, 2, 128, 1, 16, torch.float16,
-     scfg(splits=8, REDUCE_S=2), 1),
-    # GQA 7, head 80 (padded to 128 lanes), block 8, 6 splits over an 88-key table: 8 rows x 4 splits a load (79
-    # tokens: a second load with 1 of its 4 splits live); a context of 0 (no split holds a key: zeros), contexts on
-    # split boundaries (32, 48), just past one (17), inside the first (8), 79 (the last split is past every context)
-    ("g7 d80 ragged", [8, 0, 79, 32, 17, 48], 14, 2, 80, 1, 8, torch.float16, scfg(splits=6), 1),
-    # MHA, head 64, block 32: splits of two 16-key tiles (the loop, not ONE_TILE), one row (REDUCE_M 1)
-    ("g1 d64 two-tile splits", [32, 33, 95, 1], 4, 4, 64, 1, 32, torch.float16, scfg(splits=4), 1),
-    # 3 new tokens (12 rows; REDUCE_M 16, 2 splits a load): a context of 2 < Sq has a left-padding row (zeros)
-    ("sq3 g4 d128", [3, 34, 2, 48], 8, 2, 128, 3, 16, torch.float16, scfg(splits=4), 1),
-    # 5 new tokens with GQA 7: 35 rows in 32-row tiles, combined 16 rows at a time (a tile in 2 passes, then the
-    # second tile's 3 rows); 3 splits over a 48-key table
-    ("sq5 g7 d80 two tiles", [5, 20, 9], 14, 2, 80, 5, 8, torch.float16, scfg(32, 16, 3), 3),
-    # fp32 (exact IEEE dots): GQA 4 head 128; GQA 7 head 80 with Sq 2, 1 split a load
-    ("fp32 g4 d128", [16, 41, 3], 8, 2, 128, 1, 16, torch.float32, scfg(splits=4), 1),
-    ("fp32 sq2 g7 d80", [2, 30, 17], 14, 2, 80, 2, 8, torch.float32, scfg(splits=3, REDUCE_S=1), 1),
-    # the launcher's own choice for one sequence (2 programs < the interpreter's 4 "SMs"): 4 one-tile splits of 64
-    # keys over a 224-key table, REDUCE_M 4, all 4 splits in one load; the last split holds one key (193)
-    ("picked g4 d128", [193], 8, 2, 128, 1, 16, torch.float16, None, 1),
-]
-
-
-@pytest.mark.parametrize("alibi", [False, True], ids=["no alibi", "alibi"])
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-def test_split_combine_matches_reference(case, alibi, reduce_path):
-    lens, hq, hkv, d, sq, bs, dtype, config, spare = _split_args(case)
-    _check(lens, hq, hkv, d, sq, bs, dtype, config, alibi, causal=True, spare=spare)
-
-
-def test_fused_combine_is_repeatable():
-    """Every counter is zero after a call, so a second call (a CUDA-graph replay) combines again, bitwise the same;
-    a different call in between shares the counters; one buffer, allocated once per device."""
-    args = ([5, 40, 63, 16], 8, 2, 64, 1, 16, torch.float16, scfg(splits=4))
-    first = _check(*args, alibi=False, causal=True)
-    counters = T._counters[torch.device("cpu")]
-    assert counters.numel() >= T.COUNTERS and counters.dtype == torch.int32 and not counters.any()
-    other = _check([33, 2, 64, 17], *args[1:], alibi=True, causal=True, seed=1)
-    again = _check(*args, alibi=False, causal=True)
-    assert T._counters[torch.device("cpu")] is counters and not counters.any()
-    assert torch.equal(first, again) and not torch.equal(first, other)
-
-
-def test_fused_and_two_kernel_paths_agree(monkeypatch):
-    """The two combines (online over chunks in the kernel, all splits at once in the reduce kernel) agree to fp32
-    rounding before the output is cast, on a GQA 7 head 80 call with ALiBi."""
-    outs = {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("OPTGPTQ_FUSED_REDUCE", fused)
-        outs[fused] = _check([8, 0, 79, 32, 17, 48], 14, 2, 80, 1, 8, torch.float16, scfg(splits=6, REDUCE_S=2),
-                             alibi=True, causal=True)
-    torch.testing.assert_close(outs["1"], outs["0"], rtol=1e-3, atol=1e-3)
-
-
-def test_split_counters_buffer(monkeypatch):
-    """Allocated zeroed once per device with room for COUNTERS tiles (more than any grid the launcher splits: it
-    splits calls of fewer programs than SMs), grown only past that, the old buffer kept alive (a captured graph may
-    point at it); under fake tensors (Inductor tracing the kernel) a fresh zeroed buffer of the exact size."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    monkeypatch.setattr(T, "_counters", {})
-    monkeypatch.setattr(T, "_retired", [])
-    q = torch.empty(1)
-    counters = T._split_counters(q, 8)
-    assert counters.numel() == T.COUNTERS and counters.dtype == torch.int32 and not counters.any()
-    assert T._split_counters(q, T.COUNTERS) is counters
-    grown = T._split_counters(q, T.COUNTERS + 1)
-    assert grown.numel() == T.COUNTERS + 1 and not grown.any() and T._retired == [counters]
-    with FakeTensorMode():
-        fake = T._split_counters(torch.empty(1), 8)
-    assert fake.shape == (8,) and fake is not T._counters[q.device]
-
-
-def test_reduce_plan():
-    """Rows and splits per load of the fused combine, from shapes only."""
-    assert T.reduce_plan(1, 4, 16, 10, 128) == (4, 16)  # e2e batch 1 (GQA 4, 640-token table): one load
-    assert T.reduce_plan(1, 4, 16, 64, 128) == (4, 16)  # 4096 tokens: 4 loads
-    assert T.reduce_plan(1, 7, 16, 64, 128) == (8, 4)  # GQA 7: 8 rows, half the elements (registers)
-    assert T.reduce_plan(1, 1, 16, 8, 128) == (1, 8)  # MHA: every split in one load
-    assert T.reduce_plan(3, 4, 16, 4, 128) == (16, 2)  # Sq > 1: the tile's rows
-    assert T.reduce_plan(20, 4, 64, 16, 64) == (16, 4)  # prefill tiles of 64 rows: 16 at a time
-    for sq, group, block_m, splits, d_pad in ((1, 4, 16, 3, 128), (1, 2, 16, 128, 64), (2, 7, 16, 5, 128)):
-        rows, per_load = T.reduce_plan(sq, group, block_m, splits, d_pad)
-        assert rows & (rows - 1) == 0 and per_load & (per_load - 1) == 0 and rows * per_load * d_pad <= 8192
-
-
-def test_aot_specs_build_the_fused_combine():
-    """The ahead-of-time builds (test_aot_compile.py) include the fused split variant for CUDA with PDL and for
-    ROCm, and the two-kernel split variant with its reduce kernel."""
-    specs = {label: const for label, _, _, const, *_ in T.aot_specs()}
-    fused = [label for label, const in specs.items() if const.get("FUSED_REDUCE")]
-    assert any("cuda" in label and specs[label]["PDL"] and specs[label]["ONE_TILE"] for label in fused)
-    assert any("hip" in label and not specs[label]["PDL"] for label in fused)
-    assert all(specs[label]["SPLIT"] for label in fused)
-    assert any(const.get("SPLIT") and not const.get("FUSED_REDUCE") for const in specs.values())
-    assert any(label.startswith("paged reduce") for label in specs)
-
-
 def test_unused_table_entries_are_never_read():
     """Entries past each context point at other sequences' blocks: reading them would change the output."""
     _check([17, 40, 1], 8, 2, 64, 1, 8, torch.float16, cfg(16, 16, 3), alibi=True, causal=True, unused=None, spare=3)
 
 
-def test_every_split_writes_its_partials(monkeypatch, reduce_path):
-    """Scratch starts as NaN: splits that start past a context must still write a neutral partial (the reduce kernel
-    reads them all), and the fused combine reads nothing it did not write."""
+def test_every_split_writes_its_partials(monkeypatch):
+    """Scratch starts as NaN: splits that start past a context must still write a neutral partial."""
     monkeypatch.setattr(T, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device))
-    # 6 splits of 16 keys over a 96-key table; contexts 1 and 16 leave 5 of them empty; 2 splits a fused load
-    out = _check([1, 16, 47], 8, 2, 64, 1, 16, torch.float16, scfg(splits=6, REDUCE_S=2), alibi=False, causal=True,
-                 spare=3)
+    # 6 splits of 16 keys over a 96-key table; contexts 1 and 16 leave 5 of them empty
+    out = _check([1, 16, 47], 8, 2, 64, 1, 16, torch.float16, cfg(16, 16, 6), alibi=False, causal=True, spare=3)
     assert torch.isfinite(out).all()
 
 
