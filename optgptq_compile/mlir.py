@@ -4,8 +4,8 @@
 ``linalg-on-tensors`` lower the whole graph, so every ``optgptq::*`` op is first decomposed into standard aten ops
 (``_decompositions``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
 as their plain-PyTorch references. In every form, Triton kernel variants appear as their base op and ``kv_write``
-/ ``rope_kv_write`` as aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become literals of the
-module; parameters stay function arguments, in the order of the graph's placeholders.
+/ ``rope_kv_write`` as aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become
+literals of the module; parameters stay function arguments, in the order of the graph's placeholders.
 
 torch-mlir's own ``quant.matmul_rhs_group_quant`` linalg lowering (``torch-convert-custom-quant-op``) is not in
 its FX pipelines and fits only a narrow case (see README "MLIR export"); the decomposed form works for every

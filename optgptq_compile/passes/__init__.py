@@ -2,10 +2,10 @@
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops (and the RoPE fold
-on the KV writes it leaves), and
-sibling projections are fused only once they are gptq_linear calls; the norm / residual fold runs on the fused calls
-(one norm then feeds one q/k/v call, not three), and the silu * up fold last, on the fused gate/up call (whose
-norm it keeps; its halves exist as one call's columns only after fuse_projections).
+on the KV writes it leaves), and sibling projections are fused only once they are gptq_linear calls; the norm /
+residual fold runs on the fused calls (one norm then feeds one q/k/v call, not three), and the silu * up fold last,
+on the fused gate/up call (whose norm it keeps; its halves exist as one call's columns only after
+fuse_projections).
 """
 
 from __future__ import annotations

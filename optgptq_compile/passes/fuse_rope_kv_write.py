@@ -118,7 +118,7 @@ def _query_ropes(cos: fx.Node, sin: fx.Node, k_embed: fx.Node) -> list[tuple[fx.
     return found
 
 
-def _why_not(kv_write: fx.Node, a: dict, k_chain, order: dict) -> tuple[str, tuple | None]:
+def _why_not(kv_write: fx.Node, k_chain, order: dict) -> tuple[str, tuple | None]:
     """("", plan) when the write and its RoPE fold; (reason, None) when not."""
     transpose, reshape, k_embed = k_chain
     m = match_rope(k_embed)
@@ -171,7 +171,7 @@ def fuse_rope_kv_write(gm: fx.GraphModule, ctx: PassContext) -> bool:
         k_chain = _key_rope(a["k"])
         if k_chain is None or not _call(k_chain[2], _ADD):
             continue  # keys not rotated by an add (BLOOM's ALiBi layers): not a candidate
-        reason, plan = _why_not(node, a, k_chain, order)
+        reason, plan = _why_not(node, k_chain, order)
         if reason:
             ctx.skipped(NAME, node, f"RoPE not folded into the KV write: {reason}")
             continue
