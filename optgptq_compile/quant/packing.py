@@ -20,9 +20,10 @@ def _check_bits(bits: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _layout(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For value j of a run of 32: the word it starts in and its bit offset there."""
-    start = torch.arange(32, dtype=torch.int64) * bits
+def _layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For value j of a run of 32: the word it starts in and its bit offset there, made on ``device`` once (a copy
+    from the host on every call broke CUDA-graph capture of the reference ops on a GPU)."""
+    start = torch.arange(32, dtype=torch.int64, device=device) * bits
     return start // 32, start % 32
 
 
@@ -35,7 +36,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"values out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]")
     padded = -(-rows // 32) * 32  # pad to whole runs of 32 values; the unused tail words are dropped below
     v = torch.nn.functional.pad(v, (0, 0, 0, padded - rows)).reshape(padded // 32, 32, cols)  # [runs, 32, C]
-    word, offset = (t.to(v.device) for t in _layout(bits))
+    word, offset = _layout(bits, v.device)
     words = torch.zeros(padded // 32, bits + 1, cols, dtype=torch.int64, device=v.device)  # +1: spill word
     low = (v << offset[None, :, None]) & 0xFFFFFFFF
     high = v >> (32 - offset)[None, :, None]  # the bits that spill into the next word (0 unless straddling)
@@ -53,7 +54,7 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     padded = -(-nwords // bits) * bits
     w = torch.nn.functional.pad(w, (0, 0, 0, padded - nwords)).reshape(padded // bits, bits, cols)
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # a zero spill word keeps the indexing uniform
-    word, offset = (t.to(w.device) for t in _layout(bits))
+    word, offset = _layout(bits, w.device)
     low = w[:, word] >> offset[None, :, None]
     high = w[:, word + 1] << (32 - offset)[None, :, None]
     values = (low | high) & (2**bits - 1)  # [runs, 32, C]
