@@ -49,3 +49,14 @@ def test_rejects_bad_input():
         pack_rows(torch.zeros(32, 1, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="out of range for 4-bit"):
         pack_rows(torch.full((8, 1), 16), 4)
+
+
+def test_layout_tables_live_on_the_tensors_device():
+    # made there once and cached: a host-to-device copy per call cannot be captured in a CUDA graph (the reference
+    # gptq_linear on a GPU fell back to eager decode steps); "meta" stands in for a GPU here
+    from optgptq_compile.quant.packing import _layout
+
+    word, offset = _layout(4, torch.device("meta"))
+    assert word.device.type == "meta" and offset.device.type == "meta"
+    assert _layout(4, torch.device("meta"))[0] is word
+    assert unpack_rows(torch.zeros(4, 3, dtype=torch.int32, device="meta"), 4).device.type == "meta"
