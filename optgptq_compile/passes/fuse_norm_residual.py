@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ..context import PassContext
 from .utils import finish_pass
+from .utils import node_value as _val
 
 NAME = "fuse_norm_residual"
 GPTQ = torch.ops.optgptq.gptq_linear.default
@@ -45,15 +46,6 @@ def _kind(node) -> str | None:
         return node.target
     if node.op == "call_function":
         return _FUNCTIONS.get(node.target)
-    return None
-
-
-def _val(node) -> torch.Tensor | None:
-    """The example (fake) tensor Dynamo or an earlier pass recorded for ``node``."""
-    for key in ("example_value", "val"):
-        value = node.meta.get(key) if isinstance(node, fx.Node) else None
-        if isinstance(value, torch.Tensor):
-            return value
     return None
 
 

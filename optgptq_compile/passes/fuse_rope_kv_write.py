@@ -26,22 +26,18 @@ import torch
 import torch.fx as fx
 
 from ..context import PassContext
+from .utils import MUL as _MUL
 from .utils import finish_pass
+from .utils import node_value as _val
 
 NAME = "fuse_rope_kv_write"
 KV_WRITES = (torch.ops.optgptq.kv_write, torch.ops.optgptq.kv_write.default)  # Dynamo records the packet as called
 ROPE_KV_WRITE = torch.ops.optgptq.rope_kv_write.default
 KV_WRITE_ARGS = ("k", "v", "k_cache", "v_cache", "slot_mapping")
 
-_MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _ADD = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 _NEG = {operator.neg, torch.neg, torch.ops.aten.neg.default}
 _CAT = {torch.cat, torch.ops.aten.cat.default}
-
-
-def _val(node):
-    v = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _call(node, targets) -> bool:

@@ -26,13 +26,14 @@ import torch
 import torch.fx as fx
 
 from ..context import PassContext
-from .fuse_norm_residual import FUSED, FUSED_ARGS, GPTQ, LINEAR_ARGS, _val
+from .fuse_norm_residual import FUSED, FUSED_ARGS, GPTQ, LINEAR_ARGS
+from .utils import MUL as _MUL
 from .utils import finish_pass
+from .utils import node_value as _val
 
 NAME = "fuse_silu_mul"
 
 _SILU = {torch.nn.functional.silu, torch.ops.aten.silu.default}
-_MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _SPLIT_FUNCTIONS = {torch.ops.aten.split_with_sizes.default: "split", torch.ops.aten.split.Tensor: "split",
                     torch.split: "split", torch.chunk: "chunk", torch.ops.aten.chunk.default: "chunk"}
 

@@ -18,17 +18,13 @@ import torch.fx as fx
 
 from ..context import PassContext
 from .utils import finish_pass, replace_node
+from .utils import node_value as _val
 
 PASS = "paged_kv"
 ATTENTION = torch.ops.optgptq.attention.default
 GATHERS = (torch.ops.optgptq.kv_gather, torch.ops.optgptq.kv_gather.default)  # Dynamo records the packet
 PAGED_ATTENTION = torch.ops.optgptq.paged_attention.default
 ATTENTION_ARGS = ("q", "k", "v", "alibi_slopes", "key_padding_mask", "causal", "scale")
-
-
-def _val(node):
-    v = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _through_noops(node):

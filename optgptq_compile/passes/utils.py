@@ -1,6 +1,9 @@
-"""Helpers every pass shares: adding constants to a graph and the common ending of a mutating pass."""
+"""Helpers every pass shares: a node's example value, the mul targets, adding constants to a graph and the common
+ending of a mutating pass."""
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -15,6 +18,18 @@ def _is_impure(node: fx.Node) -> bool:
         if name.endswith("_") and not name.endswith("__"):
             return True
     return node.is_impure()
+
+
+MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}  # a * b as Dynamo or aten records it
+
+
+def node_value(node) -> torch.Tensor | None:
+    """The example (fake) tensor Dynamo or an earlier pass recorded for ``node`` (None for anything else)."""
+    for key in ("example_value", "val"):
+        value = node.meta.get(key) if isinstance(node, fx.Node) else None
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 def add_constant(gm: fx.GraphModule, name_hint: str, value: torch.Tensor) -> fx.Node:
