@@ -8,8 +8,9 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     K loop as 16-bit half-words straight into the tensor-core operand registers (bf16 2/4 bits, fp16 2/4/8 bits;
     ``half_word_magic``) or else as words through shared memory, split-K reduced by the last program; 3 bits use
     ``gptq_matmul_kernel`` (16-row dots).
-  * dequant (M >= DEQUANT_MIN_M, prefill): one Triton pass writes the dense weight, then one ``torch.mm``
-    (cuBLAS / hipBLASLt); faster here than the fused dot kernels at these sizes.
+  * dequant (M >= DEQUANT_MIN_M, prefill): a Triton pass writes the dense weight, then ``torch.mm`` (cuBLAS /
+    hipBLASLt); faster here than the fused dot kernels at these sizes. For long prompts (M >= CHUNK_MIN_M) in
+    chunks of columns through one buffer small enough to stay in the L2.
 ``optgptq::gptq_linear_fused_triton`` (an RMSNorm before, a residual or silu(gate) * up after:
 passes/fuse_norm_residual.py, fuse_silu_mul.py) runs the same launcher: the gemv folds all three in, the wdot kernel
 the residual and silu * mul after ``rms_norm_kernel``; elsewhere they are torch ops around the matmul.
@@ -44,6 +45,11 @@ from .triton_utils import (check_device, device_index, kernels, launch_options, 
 
 
 DEQUANT_MIN_M = 65  # from here on: dequantize once + cuBLAS (prefill); below, the fused wdot kernel
+# From here on the dequantized weight goes through cuBLAS in chunks of CHUNK_N columns: each chunk's GEMM still fills
+# the GPU (2048 x 2048 outputs: 128 tiles of 128 x 256), and a chunk (16 MB at K = 4096) is written and read back in
+# the L2 instead of HBM. H100, session 13 (RESULTS.md): M=2048, 11008x4096 327.6 -> 312.6 us, 4096x11008 299.2 ->
+# 292.5, 4096x4096 115.6 -> 113.2; at M=256 chunks lost (88.0 -> 113.7 us at 11008x4096: 16 output tiles a GEMM).
+CHUNK_MIN_M, CHUNK_N = 2048, 2048
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int = 132) -> dict:
@@ -52,7 +58,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
     64-lane AMD waves."""
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
-        return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1)
+        return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1,
+                    CHUNK_N=CHUNK_N if m >= CHUNK_MIN_M and n > CHUNK_N else 0)
     if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
         # H100, session 7 (RESULTS.md, 7B shapes): the register-prefetch loop without cp.async (num_stages=1), 1-warp
         # programs of 128 columns, ~8 per SM: a 7B layer's four GEMVs 59.4 us, against 64.1 for session 5's
@@ -157,13 +164,8 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
         y = _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_weight, eps, residual,
                   silu_mul=in_kernel)
         return _silu_mul_after(y, silu and not in_kernel).reshape(*x.shape[:-1], -1)
-    if kind == "dequant":  # prefill: one pass to a dense weight, then cuBLAS/hipBLASLt
-        w = x.new_empty(k, n)  # [K, N]
-        grid = (-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))
-        if launch:
-            wrap_triton(mod.gptq_dequant_kernel)[grid](qweight, qzeros, scales, g_idx, w, n, k, qzeros.shape[1],
-                                                       BITS=bits, **cfg)
-        y = torch.mm(x2, w)
+    if kind == "dequant":  # prefill: dequantize to a dense weight, then cuBLAS/hipBLASLt
+        y = _dequant_mm(x2, qweight, qzeros, scales, g_idx, bits, gs, cfg, launch)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return _add_residual(_silu_mul_after(y, silu).reshape(*x.shape[:-1], -1), residual)
@@ -198,6 +200,38 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     if atomic:
         y = y.to(x.dtype)
     return _add_residual(_silu_mul_after(y, silu).reshape(*x.shape[:-1], -1), residual)
+
+
+def _dequant_mm(x2, qweight, qzeros, scales, g_idx, bits, gs, cfg, launch):
+    """x2 [M, K] @ dequant(W) [K, N] -> [M, N]: ``gptq_dequant_kernel`` writes the dense weight, ``torch.mm`` reads
+    it. With ``CHUNK_N`` in cfg, CHUNK_N columns at a time through one reused buffer, each chunk's GEMM writing its
+    columns of y in place (cuBLAS takes the row stride): a chunk small enough to stay in the L2 is written and read
+    there instead of through HBM."""
+    m, k = x2.shape
+    n = scales.shape[-1]
+    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    chunk = min(-(-(cfg.get("CHUNK_N") or n) // bn) * bn, n)  # whole column tiles
+    w = x2.new_empty(k, chunk)  # [K, CHUNK_N]
+    y = x2.new_empty(m, n) if chunk < n else None  # [M, N]
+    kernel = wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dequant_kernel)
+    for n0 in range(0, n, chunk):
+        nc = min(chunk, n - n0)
+        if launch:
+            kernel[(-(-k // bk), -(-nc // bn))](
+                qweight, qzeros, scales, g_idx, w, n, k, qzeros.shape[1], n0, nc, chunk, BITS=bits, BLOCK_K=bk,
+                BLOCK_N=bn, GROUP_TILES=_group_tiles(gs, k, bk), num_warps=cfg["num_warps"], num_stages=1)
+        if y is None:
+            return torch.mm(x2, w)
+        torch.mm(x2, w[:, :nc], out=y[:, n0:n0 + nc])
+    return y
+
+
+def _group_tiles(gs: int, k: int, bk: int) -> int:
+    """gptq_dequant_kernel's GROUP_TILES: tiles per group where every BLOCK_K tile lies in one group (0: one group
+    for all of K), -1 where tiles may straddle groups."""
+    if gs >= k:
+        return 0
+    return gs // bk if gs > 0 and gs % bk == 0 else -1
 
 
 def _silu_mul_after(y: torch.Tensor, apply: bool) -> torch.Tensor:
@@ -436,8 +470,9 @@ def aot_specs(dtype: str = "bf16") -> list[tuple[str, object, dict, dict, dict]]
         if kind == "dequant":
             fn = mod.gptq_dequant_kernel
             sig = dict(qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", w_ptr=f"*{dtype}", N="i32",
-                       K="i32", ZW="i32")
-            const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"])
+                       K="i32", ZW="i32", n0="i32", NC="i32", stride_w="i32")
+            const = dict(BITS=bits, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+                         GROUP_TILES=_group_tiles(k if group == -1 else group, k, cfg["BLOCK_K"]))
         elif kind == "gemv":
             specs += per_backend(gemv_aot_spec(n, k, bits, group, {**cfg, **opts}, dtype))
             if bits == 4:  # the decode layer's forms: RMSNorm and residual folded in; RMSNorm and silu * mul

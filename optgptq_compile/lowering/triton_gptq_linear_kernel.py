@@ -451,32 +451,51 @@ def _dot_partials(part_ptr, M, N, offs_m, offs_n, mask, b_ptr, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, ZW, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """Prefill: the whole weight dequantized to w [K, N] (the activation dtype), for one cuBLAS GEMM after it.
-    2/4/8 bits: each packed word is loaded once and its PER values stored to rows r*PER + j."""
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    zbit = (offs_n * BITS)[None, :]
-    if BITS == 3:
-        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+def gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, ZW, n0, NC, stride_w, BITS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_TILES: tl.constexpr):
+    """Prefill: columns n0 .. n0 + NC of the weight dequantized to w [K, NC] (row stride ``stride_w``, the
+    activation dtype), for one cuBLAS GEMM after it; N is the packed weight's column count. One [BLOCK_K, BLOCK_N]
+    tile per program. 2/4/8 bits: each packed word is loaded once and its PER values stored to rows r*PER + j, one
+    [BKW, BN] store per j straight from the word tile's registers (unpacking into [BK, BN] first costs a layout
+    conversion through shared memory: 1.3-1.8x slower on the H100, RESULTS.md session 13). Where the tile lies in one
+    group (GROUP_TILES >= 0: group_size // BLOCK_K, 0 for one group) and g_idx agrees (checked per tile), one row of
+    scales and zeros serves the whole tile; otherwise every row gathers its own (act-order called directly)."""
+    pid_k = tl.program_id(0)
+    offs_n = n0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of the packed weight
+    mask_n = offs_n < tl.minimum(n0 + NC, N)
+    w_cols = w_ptr + (offs_n - n0)[None, :]  # [1, BN]
+    zbit = (offs_n * BITS)[None, :]  # [1, BN]
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    if BITS == 3:  # values straddle words: one gathered load per value (no speed work here)
         mask = (offs_k < K)[:, None] & mask_n[None, :]
-        q = _bits_at(qw_ptr + offs_n[None, :], offs_k[:, None] * BITS, N, mask, BITS)
+        q = _bits_at(qw_ptr + offs_n[None, :], offs_k[:, None] * BITS, N, mask, BITS)  # [BK, BN]
         g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         z = _bits_at(qz_ptr + g[:, None] * ZW, zbit, 1, mask, BITS)
         w = (q - z).to(tl.float32) * s
-        tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_cols + offs_k[:, None] * stride_w, w.to(w_ptr.dtype.element_ty), mask=mask)
     else:
         PER: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BLOCK_K // PER
-        rows = tl.program_id(0) * BKW + tl.arange(0, BKW)  # [BKW]
-        wmask = (rows < K // PER)[:, None] & mask_n[None, :]
-        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=wmask, other=0)
-        for j in tl.static_range(PER):
-            kj = rows * PER + j
-            g = tl.load(g_ptr + kj, mask=kj < K, other=0)
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-            z = _bits_at(qz_ptr + g[:, None] * ZW, zbit, 1, wmask, BITS)
-            w = (((words >> (j * BITS)) & ((1 << BITS) - 1)) - z).to(tl.float32) * s
-            tl.store(w_ptr + kj[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=wmask)
+        rows = pid_k * BKW + tl.arange(0, BKW)  # [BKW]
+        wmask = (rows < K // PER)[:, None] & mask_n[None, :]  # [BKW, BN]
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=wmask, other=0)  # [BKW, BN]
+        plain = False  # (a run-time value below where tiles may be whole groups)
+        g0 = 0 if GROUP_TILES <= 0 else pid_k // GROUP_TILES  # the tile's group if g_idx is k // group_size
+        if GROUP_TILES >= 0:
+            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=g0)  # [BK]
+            plain = tl.sum((g != g0).to(tl.int32), axis=0) == 0
+        if plain:  # one row of scales and zeros for the tile
+            s_row = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]  # [1, BN]
+            z_row = _bits_at(qz_ptr + g0 * ZW, zbit, 1, mask_n[None, :], BITS)  # [1, BN]
+            for j in tl.static_range(PER):
+                w = (((words >> (j * BITS)) & ((1 << BITS) - 1)) - z_row).to(tl.float32) * s_row
+                tl.store(w_cols + (rows * PER + j)[:, None] * stride_w, w.to(w_ptr.dtype.element_ty), mask=wmask)
+        else:  # every row its own group
+            for j in tl.static_range(PER):
+                kj = rows * PER + j  # [BKW]
+                gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
+                s = tl.load(s_ptr + gj[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+                z = _bits_at(qz_ptr + gj[:, None] * ZW, zbit, 1, wmask, BITS)
+                w = (((words >> (j * BITS)) & ((1 << BITS) - 1)) - z).to(tl.float32) * s
+                tl.store(w_cols + kj[:, None] * stride_w, w.to(w_ptr.dtype.element_ty), mask=wmask)

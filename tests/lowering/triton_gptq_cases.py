@@ -41,7 +41,8 @@ def _check(w, x, bias, config=None, tol=2e-3):
     (3, 128, False), (3, 32, True),  # 3-bit: values straddle words (gather path)
     (2, -1, False), (2, 128, True),  # 2-bit: 16 values a word
 ])
-@pytest.mark.parametrize("m", [1, 5, 16, 33])  # gemv, dot (5: masked rows; 16: a full tile), dequant+matmul
+@pytest.mark.parametrize("m", [1, 5, 16, 33, T.DEQUANT_MIN_M])  # gemv, dot (5: masked rows; 16: a full tile),
+# dot with 64-row blocks, dequant + matmul
 def test_matches_reference(bits, group_size, act_order, m):
     w = _weights(48, 320, bits, group_size, act_order)
     x = torch.randn(m, 320, dtype=torch.float16)
@@ -61,7 +62,12 @@ VARIANTS = {  # every kernel path, forced, on 4-bit g32 act-order-free weights
                             num_stages=2, SPLIT_K=3, UNPACK_RESHAPE=False, INTERLEAVE=False),
     "dot multi-tile grouped order": dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2,
                                          num_warps=4, num_stages=2, SPLIT_K=1),
+    # prefill's dequant kernel: 64-row tiles straddle two g32 groups (every row gathers its group) ...
     "dequant": dict(KERNEL="dequant", BLOCK_K=64, BLOCK_N=32, num_warps=4, num_stages=1),
+    # ... one group per 32-row tile (one row of scales per tile, unless act-order g_idx fails the tile's check) ...
+    "dequant tile per group": dict(KERNEL="dequant", BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    # ... and 32 columns at a time through one buffer (N=80: chunks of 32, 32 and a ragged 16)
+    "dequant chunked": dict(KERNEL="dequant", BLOCK_K=32, BLOCK_N=32, CHUNK_N=32, num_warps=4, num_stages=1),
     # gptq_dot_kernel (M = 2..64): 3 row blocks of 16 (the last masked), ragged N (80 = 2.5 tiles of 32), split-K
     # reduced by the last program of each of the 9 output tiles
     "wdot split-K": dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3),
@@ -278,6 +284,14 @@ def test_decode_batches_pick_the_fused_dot_kernel():
             assert cfg["KERNEL"] == "wdot" and cfg["BLOCK_M"] == bm, (m, bits, cfg)
         assert T.pick_config(m, 11008, 4096, 3, 128)["KERNEL"] == "dot"
     assert T.pick_config(T.DEQUANT_MIN_M, 11008, 4096, 4, 128)["KERNEL"] == "dequant"
+
+
+def test_long_prompts_dequantize_in_chunks():
+    """From CHUNK_MIN_M rows on, prefill dequantizes CHUNK_N columns at a time (each chunk's GEMM large enough to fill
+    the GPU); shorter prompts, and weights no wider than a chunk, in one pass."""
+    assert T.pick_config(T.CHUNK_MIN_M, 11008, 4096, 4, 128)["CHUNK_N"] == T.CHUNK_N
+    assert T.pick_config(T.CHUNK_MIN_M - 1, 11008, 4096, 4, 128)["CHUNK_N"] == 0
+    assert T.pick_config(T.CHUNK_MIN_M, T.CHUNK_N, 4096, 4, 128)["CHUNK_N"] == 0
 
 
 # optgptq::gptq_linear_fused_triton: the gemv folds RMSNorm (x * w, 1/rms from the splits' sums of x**2) and the
