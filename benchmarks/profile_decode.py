@@ -12,6 +12,10 @@ and run through the paged runtime: prefill one batch of --context-token prompts,
 profiler over --steps decode steps without CUDA graphs, kernels by GPU time) and ``profile.json`` (the headline
 numbers) to --out.
 
+Also ``prefill_profile_<tag>.txt``: one more prefill of the same prompts (graphs compiled already), its wall time
+against its kernels' GPU time, its kernels by GPU time, and its host-side ops by CPU time (a prefill runs
+eagerly: one launch per op).
+
 ``--cuda-graphs`` profiles decode steps replayed as CUDA graphs (what e2e.py times) and writes
 ``decode_timeline_<tag>.txt``: one step's kernels in launch order with their durations and the idle gaps between
 them, and the step's span against the sum of its kernel times (the launch gaps a graph still pays).
@@ -91,6 +95,37 @@ def kernel_timeline(prof, steps: int) -> tuple[str, dict]:
                                      "mean_span_us": sum(span) / len(span)}
 
 
+def profile_prefill(compiled, prompts, cuda_graphs: bool, result: dict) -> str:
+    """One more prefill of the same prompts through a fresh engine (the graph is compiled already): its wall time
+    (the time to first token, launches included) against its kernels' GPU time, and the kernels by GPU time."""
+    engine = build_engine(compiled, prompts, 64, max_batch_size=len(prompts), stop_at_eos=False,
+                          cuda_graphs=cuda_graphs)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize()
+    result["prefill_wall_ms"] = 1e3 * (time.perf_counter() - t)
+    engine = build_engine(compiled, prompts, 64, max_batch_size=len(prompts), stop_at_eos=False,
+                          cuda_graphs=cuda_graphs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    result["prefill_gpu_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    engine = build_engine(compiled, prompts, 64, max_batch_size=len(prompts), stop_at_eos=False,
+                          cuda_graphs=cuda_graphs)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as host:  # the host's side (a prefill runs eagerly)
+        with torch.profiler.record_function("engine.step"):
+            engine.step()
+        torch.cuda.synchronize()
+    result["prefill_host_profile"] = host.key_averages().table(sort_by="self_cpu_time_total", row_limit=40,
+                                                               max_name_column_width=70)
+    return (f"prefill of {len(prompts)} x {len(prompts[0])} tokens: wall {result['prefill_wall_ms']:.2f} ms, kernels "
+            f"{result['prefill_gpu_ms']:.2f} ms of GPU time\n\n"
+            + prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+            + "\n\nhost (a third prefill, ops by their own CPU time):\n" + result.pop("prefill_host_profile"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -147,7 +182,11 @@ def main():
         result.update(spans)
         with open(os.path.join(args.out, f"decode_timeline_{tag}.txt"), "w") as f:
             f.write(timeline)
+        prefill_table = profile_prefill(compiled, prompts, args.cuda_graphs, result)
+        with open(os.path.join(args.out, f"prefill_profile_{tag}.txt"), "w") as f:
+            f.write(prefill_table)
     print(json.dumps(result, indent=1))
+    print(prefill_table[:5000])
     print(table[:6000])
     print(timeline[:8000])
     with open(os.path.join(args.out, f"profile_{tag}.json"), "w") as f:
