@@ -5,9 +5,10 @@ chunked path, beside bf16 cuBLAS in the same run.
 
 ``--plan``: a JSON object name -> overrides of the launcher's dequant config (``pick_config`` at each M): BLOCK_K,
 BLOCK_N, num_warps, and CHUNK_N (columns per dequant + GEMM round through one reused buffer; 0: the whole weight at
-once), or another kernel's whole config (``"KERNEL": "wdot"`` with its block sizes, warps, stages and SPLIT_K). For each shape and M: bf16 ``F.linear`` on a dense weight, the dequant kernel alone per config (its bytes
-against the 3.0 TB/s floor: packed weight + scales read, bf16 weight written), and the whole op per config, each
-result checked against the fp32 reference. ``--old-kernel`` times a previous ``gptq_dequant_kernel`` (a module file
+once), or another kernel's whole config (``"KERNEL": "wdot"`` with its block sizes, warps, stages and SPLIT_K).
+For each shape and M: bf16 ``F.linear`` on a dense weight, the dequant kernel alone per config (its bytes against
+the 3.0 TB/s floor: packed weight + scales read, bf16 weight written), and the whole op per config, each result
+checked against the fp32 reference. ``--old-kernel`` times a previous ``gptq_dequant_kernel`` (a module file
 with the old signature ``(qw, qz, s, g, w, N, K, ZW, BITS, BLOCK_K, BLOCK_N)``) + ``torch.mm`` as a row too.
 Timing: ``timing.time_graph`` over enough weight copies to miss the L2. Writes ``prefill_probe.json``.
 """

@@ -47,8 +47,9 @@ from .triton_utils import (check_device, device_index, kernels, launch_options, 
 DEQUANT_MIN_M = 65  # from here on: dequantize once + cuBLAS (prefill); below, the fused wdot kernel
 # From here on the dequantized weight goes through cuBLAS in chunks of CHUNK_N columns: each chunk's GEMM still fills
 # the GPU (2048 x 2048 outputs: 128 tiles of 128 x 256), and a chunk (16 MB at K = 4096) is written and read back in
-# the L2 instead of HBM. H100, session 13 (RESULTS.md): M=2048, 11008x4096 327.6 -> 312.6 us, 4096x11008 299.2 ->
-# 292.5, 4096x4096 115.6 -> 113.2; at M=256 chunks lost (88.0 -> 113.7 us at 11008x4096: 16 output tiles a GEMM).
+# the L2 instead of HBM. H100, session 13 (RESULTS.md): M=2048, 11008x4096 326.3 -> 305.7 us, 4096x11008 303.7 ->
+# 291.5, 4096x4096 a tie (111.3 / 111.5); M=1024 a tie; M=256 chunks lost (88.0 -> 113.7 us at 11008x4096: 16
+# output tiles a GEMM).
 CHUNK_MIN_M, CHUNK_N = 2048, 2048
 
 
