@@ -46,12 +46,7 @@ def load_module(path: str):
 
 def dequant_only(w, buf, cfg, bits=4, group=128):
     """The dequant kernel alone, the whole weight into buf [K, N]."""
-    k, n = buf.shape
-    kern = T.kernels("triton_gptq_linear_kernel").gptq_dequant_kernel
-    kern[(-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))](
-        w["qweight"], w["qzeros"], w["scales"], w["g_idx"], buf, n, k, w["qzeros"].shape[1], 0, n, n, BITS=bits,
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], GROUP_TILES=T._group_tiles(group, k, cfg["BLOCK_K"]),
-        num_warps=cfg["num_warps"], num_stages=1)
+    T.dequant_columns(buf, w["qweight"], w["qzeros"], w["scales"], w["g_idx"], bits, group, 0, cfg)
 
 
 def main():
@@ -109,7 +104,7 @@ def main():
                 us = time_graph([lambda w=w: old_path(w) for w in ws])
                 rows.append(dict(shape=label, m=m, variant="old", us=us, x_bf16=bf16 / us))
                 print(f"  {'old':12s} {'':50s} {us:7.1f} us  x{bf16 / us:.3f} bf16", flush=True)
-        del ws, dense, buf
+        ws = dense = buf = None  # free this shape's copies before the next
         torch.cuda.empty_cache()
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "prefill_probe.json"), "w") as f:

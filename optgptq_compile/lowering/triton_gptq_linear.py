@@ -210,21 +210,29 @@ def _dequant_mm(x2, qweight, qzeros, scales, g_idx, bits, gs, cfg, launch):
     there instead of through HBM."""
     m, k = x2.shape
     n = scales.shape[-1]
-    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
-    chunk = min(-(-(cfg.get("CHUNK_N") or n) // bn) * bn, n)  # whole column tiles
+    chunk = min(-(-(cfg.get("CHUNK_N") or n) // cfg["BLOCK_N"]) * cfg["BLOCK_N"], n)  # whole column tiles
     w = x2.new_empty(k, chunk)  # [K, CHUNK_N]
-    y = x2.new_empty(m, n) if chunk < n else None  # [M, N]
-    kernel = wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dequant_kernel)
-    for n0 in range(0, n, chunk):
-        nc = min(chunk, n - n0)
+    if chunk == n:
         if launch:
-            kernel[(-(-k // bk), -(-nc // bn))](
-                qweight, qzeros, scales, g_idx, w, n, k, qzeros.shape[1], n0, nc, chunk, BITS=bits, BLOCK_K=bk,
-                BLOCK_N=bn, GROUP_TILES=_group_tiles(gs, k, bk), num_warps=cfg["num_warps"], num_stages=1)
-        if y is None:
-            return torch.mm(x2, w)
-        torch.mm(x2, w[:, :nc], out=y[:, n0:n0 + nc])
+            dequant_columns(w, qweight, qzeros, scales, g_idx, bits, gs, 0, cfg)
+        return torch.mm(x2, w)
+    y = x2.new_empty(m, n)  # [M, N]
+    for n0 in range(0, n, chunk):
+        wc = w[:, :min(chunk, n - n0)]  # [K, nc], row stride CHUNK_N
+        if launch:
+            dequant_columns(wc, qweight, qzeros, scales, g_idx, bits, gs, n0, cfg)
+        torch.mm(x2, wc, out=y[:, n0:n0 + wc.shape[1]])
     return y
+
+
+def dequant_columns(w, qweight, qzeros, scales, g_idx, bits, gs, n0, cfg):
+    """Launch ``gptq_dequant_kernel``: columns n0 .. n0 + w.shape[1] of the weight into w [K, nc] (last dimension
+    contiguous, any row stride), with cfg's BLOCK_K, BLOCK_N and num_warps."""
+    k, nc = w.shape
+    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dequant_kernel)[(-(-k // bk), -(-nc // bn))](
+        qweight, qzeros, scales, g_idx, w, scales.shape[-1], k, qzeros.shape[1], n0, nc, w.stride(0), BITS=bits,
+        BLOCK_K=bk, BLOCK_N=bn, GROUP_TILES=_group_tiles(gs, k, bk), num_warps=cfg["num_warps"], num_stages=1)
 
 
 def _group_tiles(gs: int, k: int, bk: int) -> int:
