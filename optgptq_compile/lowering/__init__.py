@@ -21,7 +21,8 @@ KERNEL_VARIANTS: dict = {}
 
 # Triton kernel modules: each defines VARIANTS (base op -> its kernel entry) and aot_specs() (ahead-of-time compile
 # specs, tests/lowering/test_aot_compile.py). Add a new kernel module here.
-TRITON_MODULES = ("triton_gptq_linear", "triton_attention", "triton_paged_attention", "triton_rope_kv_write")
+TRITON_MODULES = ("triton_gptq_linear", "triton_attention", "triton_paged_attention", "triton_rope_kv_write",
+                  "triton_argmax")
 
 try:  # the Triton kernels register only where triton imports; the package must import without it (or a GPU)
     import triton  # noqa: F401

@@ -63,9 +63,24 @@ def sample_on_device(logits: torch.Tensor, params: SamplingParams,
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, [B] int64 on logits' device: the Triton kernel on CUDA/ROCm for vocabularies up to its
+    ``MAX_VOCAB`` (``lowering/triton_argmax``: 9.6 -> 3.2 us for 32000 fp16 logits at batch 1 on the H100),
+    ``torch.argmax`` elsewhere (the same tokens)."""
+    if logits.is_cuda and logits.dim() == 2:
+        from ..lowering import TRITON_IMPORT_ERROR
+
+        if TRITON_IMPORT_ERROR is None:
+            from ..lowering import triton_argmax
+
+            if logits.shape[-1] <= triton_argmax.MAX_VOCAB:
+                return triton_argmax.argmax_rows(logits)
+    return logits.argmax(-1)
+
+
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """Every row's next token, [B] int64 on logits' device: one argmax for greedy rows, per-row draws otherwise."""
-    tokens = logits.argmax(-1)
+    tokens = greedy_tokens(logits)
     if all(p.greedy for p in params):
         return tokens
     return torch.stack([tokens[i] if p.greedy else sample_on_device(logits[i], p, g)
