@@ -29,6 +29,16 @@ def to_device_async(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One stream per device for the token copies back to the host."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
 @dataclasses.dataclass
 class InFlightStep:
     """A launched decode step whose tokens have not been read on the host yet."""
@@ -41,14 +51,20 @@ class InFlightStep:
 
     @classmethod
     def launch(cls, batch: list, tokens: torch.Tensor) -> "InFlightStep":
-        """Start copying ``tokens`` back right away, before anything else is queued behind the step."""
+        """Start copying ``tokens`` back right away, on a side stream: in the compute stream the copy and the switch
+        to the copy engine and back cost ~8 us between two decode steps (H100 session 14), on the side stream
+        nothing (the next step's inputs and graph go on queueing behind the step)."""
         ctx = [r.table.num_tokens for r in batch]
         if tokens.device.type != "cuda":
             return cls(batch, ctx, tokens, tokens.clone(), None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        side = _copy_stream(tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))  # after the step has made its tokens
+        with torch.cuda.stream(side):
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        tokens.record_stream(side)  # the caching allocator must not hand its memory out before the copy ran
         return cls(batch, ctx, tokens, host, ready)
 
     def read(self) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 from .block_allocator import BlockTable, OutOfBlocks
 from .overlap import InFlightStep, to_device_async
 from .paged_cache import PagedKVCache
-from .sampling import SamplingParams, make_generator, next_tokens, sample
+from .sampling import SamplingParams, greedy_tokens, make_generator, next_tokens, sample
 
 
 @dataclasses.dataclass(eq=False)  # requests compare by identity (list membership, removal)
@@ -289,17 +289,24 @@ class Engine:
         t["context_lens"] = t["context_lens"][:, 0].int()  # [B]
         return t
 
+    def decode_lists(self, batch: list[Request], with_ids: bool = True) -> tuple[list[int], ...]:
+        """A decode step's inputs as host lists: input ids (empty without ``with_ids``), positions, slots, context
+        lengths [B] each, and the block tables [B * table_width], row-major, zero-padded."""
+        bs, width = self.block_size, self.table_width
+        ctx = [r.table.num_tokens for r in batch]
+        pos = [n - 1 for n in ctx]
+        slots = [r.table.blocks[t // bs] * bs + t % bs for r, t in zip(batch, pos)]
+        tables = [blk for r in batch for blk in r.table.blocks + [0] * (width - len(r.table.blocks))]
+        ids = [r.token_at(t) for r, t in zip(batch, pos)] if with_ids else []
+        return ids, pos, slots, ctx, tables
+
     def _decode_tensors(self, batch: list[Request], step_len: Optional[int] = None,
                         input_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """``_batch_tensors`` for a decode step (one new token per request), built without per-position Python
         lists and copied without waiting for the GPU; ``input_ids`` [B] on the device replaces the known tokens
         (an overlapped step's inputs are the step in flight's outputs)."""
-        bs, width, b = self.block_size, self.table_width, len(batch)
-        ctx = [r.table.num_tokens for r in batch]
-        pos = [n - 1 for n in ctx]
-        slots = [r.table.blocks[t // bs] * bs + t % bs for r, t in zip(batch, pos)]
-        tables = [blk for r in batch for blk in r.table.blocks + [0] * (width - len(r.table.blocks))]
-        ids = [r.token_at(t) for r, t in zip(batch, pos)] if input_ids is None else []
+        width, b = self.table_width, len(batch)
+        ids, pos, slots, ctx, tables = self.decode_lists(batch, with_ids=input_ids is None)
         flat = to_device_async(ids + pos + slots + ctx + tables, self.device)
         parts = flat.split([len(ids), b, b, b, b * width])
         t = dict(input_ids=parts[0].view(b, 1) if input_ids is None else input_ids.view(b, 1),
@@ -381,7 +388,7 @@ class Engine:
             self._in_flight = InFlightStep.launch(batch, self._device_tokens(batch, logits))
             return []
         greedy = [r.params.greedy for r in batch]
-        argmax = logits.argmax(-1).tolist() if any(greedy) else []
+        argmax = greedy_tokens(logits).tolist() if any(greedy) else []
         tokens = [argmax[i] if greedy[i] else sample(logits[i], req.params, req.generator)
                   for i, req in enumerate(batch)]
         return self._accept(batch, [r.table.num_tokens for r in batch], tokens)

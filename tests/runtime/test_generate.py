@@ -219,12 +219,14 @@ def test_pool_too_small_for_one_request_is_a_clear_error():
 
 
 class ReplayWithoutCuda(DecodeGraphs):
-    """The CUDA-graph runner with capture replaced by re-running the step on the same static buffers: checks on
-    the CPU everything but the capture itself (padding rows, fixed key length, buffer reuse across steps)."""
+    """The CUDA-graph runner with capture replaced by re-running the step from the same packed input buffer (the
+    mask made from it again, as a replay does): checks on the CPU everything but the capture itself (packing,
+    padding rows, fixed key length, buffer reuse across steps)."""
 
-    def _record(self, engine, static):
-        logits = engine.run_model(static).clone()
-        return (lambda: logits.copy_(engine.run_model(static))), logits
+    def _record(self, engine, inputs):
+        captured = inputs.model_inputs()
+        logits = engine.run_model(captured).clone()
+        return (lambda: logits.copy_(engine.run_model(inputs.model_inputs()))), captured, logits
 
 
 @pytest.mark.parametrize("compiled,overlap", [(False, False), (False, True), (True, True)])
@@ -241,6 +243,29 @@ def test_decode_graph_runner_pads_batches(compiled, overlap, references):
             engine.step()
     assert [engine.finished[i].output for i in range(len(prompts))] == ref
     assert engine.stats.graph_steps > 0 and set(engine.graphs.graphs) > {1}
+
+
+def test_step_inputs_pack_a_decode_step_with_padding_rows():
+    """One decode step's inputs packed for a captured size of 4: the views read back what _decode_tensors builds
+    for the 3 real rows, padding rows have slot -1, context 0 and a mask with only the last key visible."""
+    from optgptq_compile.runtime.cuda_graphs import StepInputs
+
+    prompts = _prompts()[:3]
+    engine = build_engine(tiny_llama(), prompts, 8, block_size=BLOCK, cuda_graphs=False, overlap=False)
+    with torch.inference_mode():
+        engine.step()  # the prefills: every request now takes decode steps
+        batch = list(engine.running)
+        inputs = StepInputs(4, engine.table_width, 40, 7, torch.device("cpu"))
+        inputs.buffer.copy_(inputs.pack(*engine.decode_lists(batch)))
+        got = inputs.model_inputs()
+        want = engine._decode_tensors(batch, step_len=40)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype, name
+        assert torch.equal(got[name][:3], t), name
+    assert got["input_ids"][3].item() == 7 and got["slot_mapping"][3].item() == -1
+    assert got["context_lens"][3].item() == 0 and not got["block_tables"][3].any()
+    assert got["attention_mask"][3].tolist() == [0] * 39 + [1]
+    assert StepInputs.nbytes(4, engine.table_width) == inputs.buffer.numel()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
