@@ -3,9 +3,11 @@
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops (and the RoPE fold
 on the KV writes it leaves), and sibling projections are fused only once they are gptq_linear calls; the norm /
-residual fold runs on the fused calls (one norm then feeds one q/k/v call, not three), and the silu * up fold last,
-on the fused gate/up call (whose norm it keeps; its halves exist as one call's columns only after
-fuse_projections).
+residual fold runs on the fused calls (one norm then feeds one q/k/v call, not three), and the silu * up fold after
+it, on the fused gate/up call (whose norm it keeps; its halves exist as one call's columns only after
+fuse_projections). The outer-product matmul rewrite (the rotary embedding's [B, D/2, 1] @ [B, 1, S]) needs nothing
+from the others but runs last, so that no pattern an earlier pass matches loses its matmul: BLOOM's probabilities
+@ V ``bmm`` contracts over the keys, one key for a one-token prompt, and match_attention must still see it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .fuse_projections import fuse_projections
 from .fuse_rope_kv_write import fuse_rope_kv_write
 from .fuse_silu_mul import fuse_silu_mul
 from .match_attention import match_attention
+from .outer_product_matmul import outer_product_matmul
 from .paged_kv import paged_kv
 from .quantize_linear import quantize_linear
 
@@ -37,4 +40,5 @@ PASSES: list[Pass] = [
     fuse_projections,
     fuse_norm_residual,
     fuse_silu_mul,
+    outer_product_matmul,
 ]
