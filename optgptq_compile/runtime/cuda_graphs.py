@@ -73,7 +73,7 @@ class StepInputs:
 class DecodeGraphs:
     def __init__(self, sizes=DEFAULT_SIZES):
         self.sizes = sorted(sizes)
-        self.graphs: dict[int, tuple] = {}  # size -> (replay, StepInputs, the captured inputs, logits buffer)
+        self.graphs: dict[int, tuple] = {}  # size -> (replay, the captured inputs, logits buffer, StepInputs)
         self.pool = None
         self.disabled = False  # set when a capture failed: the engine then runs decode steps without graphs
 
