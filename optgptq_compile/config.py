@@ -36,6 +36,7 @@ class OptGPTQConfig:
     fuse_norm_residual: bool = True  # RMSNorm before / residual add after a gptq_linear folded into the call
     fuse_silu_mul: bool = True  # silu(gate) * up of a fused gate/up gptq_linear computed in the call's epilogue
     fuse_rope_kv_write: bool = True  # RoPE of q and k computed by the paged KV write (one rope_kv_write op)
+    fuse_rope_attention: bool = True  # that rope_kv_write folded into the paged attention (rope_paged_attention)
 
     def quant_key(self) -> tuple:
         """The settings that determine a quantized weight; quantized tensors are cached under this key."""
@@ -63,6 +64,7 @@ _ACCEPTED = {
     "fuse_norm_residual": "True or False",
     "fuse_silu_mul": "True or False",
     "fuse_rope_kv_write": "True or False",
+    "fuse_rope_attention": "True or False",
 }
 
 
@@ -114,6 +116,7 @@ def parse_options(options: dict | None) -> OptGPTQConfig:
         "fuse_norm_residual": _is_bool,
         "fuse_silu_mul": _is_bool,
         "fuse_rope_kv_write": _is_bool,
+        "fuse_rope_attention": _is_bool,
     }
     for key, value in options.items():
         if key == "calibration":

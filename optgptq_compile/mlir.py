@@ -3,9 +3,10 @@
 ``raw`` keeps the project's custom ops as ``torch.operator "torch.optgptq.<op>"``. ``torch`` and
 ``linalg-on-tensors`` lower the whole graph, so every ``optgptq::*`` op is first decomposed into standard aten ops
 (``_decompositions``): gptq_linear as unpack bits -> subtract zero -> scale -> matmul, attention and the paged ops
-as their plain-PyTorch references. In every form, Triton kernel variants appear as their base op and ``kv_write``
-/ ``rope_kv_write`` as aten ``index_put`` (``_exportable``). Packed GPTQ tensors (``get_attr`` buffers) become
-literals of the module; parameters stay function arguments, in the order of the graph's placeholders.
+as their plain-PyTorch references. In every form, Triton kernel variants appear as their base op and the pool
+writes of ``kv_write`` / ``rope_kv_write`` / ``rope_paged_attention`` as aten ``index_put`` (``_exportable``).
+Packed GPTQ tensors (``get_attr`` buffers) become literals of the module; parameters stay function arguments, in
+the order of the graph's placeholders.
 
 torch-mlir's own ``quant.matmul_rhs_group_quant`` linalg lowering (``torch-convert-custom-quant-op``) is not in
 its FX pipelines and fits only a narrow case (see README "MLIR export"); the decomposed form works for every
@@ -137,19 +138,31 @@ def rope_kv_write_aten(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> tor
     return q_embed
 
 
+def rope_paged_attention_aten(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                              alibi_slopes, causal, scale) -> torch.Tensor:
+    """``optgptq::rope_paged_attention`` as what it stands for: ``rope_kv_write_aten``, then ``paged_attention``
+    on the rotated query. The attention stays the (non-mutating) custom op, so the raw form still shows it and the
+    lowered forms decompose it like any other ``paged_attention``."""
+    q_embed = rope_kv_write_aten(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return torch.ops.optgptq.paged_attention.default(q_embed, k_cache, v_cache, block_tables, context_lens,
+                                                     alibi_slopes, causal, scale)
+
+
 def _exportable(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm``, or a copy with two kinds of call swapped before torch.export sees them:
 
     - kernel variants (the Triton ops of ``lowering.KERNEL_VARIANTS``) back to their base op: same schema and
       semantics, and a ``triton_op`` would be traced into a Triton-kernel wrapper that torch-mlir cannot import;
-    - the mutating ops (``kv_write``, ``rope_kv_write``) to their aten forms: a mutating custom op reaches
-      torch-mlir as ``auto_functionalized_v2``, which its FX importer cannot import, even in the raw form.
+    - the mutating ops (``kv_write``, ``rope_kv_write``, ``rope_paged_attention``) to their aten forms: a
+      mutating custom op reaches torch-mlir as ``auto_functionalized_v2``, which its FX importer cannot import,
+      even in the raw form.
     """
     from . import lowering
 
     swaps = {variant: base for base, variants in lowering.KERNEL_VARIANTS.items() for variant in variants.values()}
     ops = torch.ops.optgptq
-    for name, aten_form in (("kv_write", kv_write_aten), ("rope_kv_write", rope_kv_write_aten)):
+    for name, aten_form in (("kv_write", kv_write_aten), ("rope_kv_write", rope_kv_write_aten),
+                            ("rope_paged_attention", rope_paged_attention_aten)):
         if hasattr(ops, name):  # a Triton variant goes straight to the aten form too
             base = getattr(ops, name).default
             swaps = {op: aten_form if target == base else target for op, target in swaps.items()}

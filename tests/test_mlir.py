@@ -249,19 +249,29 @@ def test_bad_output_type_is_a_value_error():
         optgptq_compile.export_mlir(torch.nn.Linear(4, 4), [torch.randn(1, 4)], "tosa")
 
 
+# the pool-writing op each form of the graph holds: rope_paged_attention (fuse_rope_attention, the default), or
+# rope_kv_write followed by paged_attention when that pass is off
+PAGED_GRAPH_OPS = {True: {"optgptq.rope_paged_attention.default"},
+                   False: {"optgptq.rope_kv_write.default", "optgptq.paged_attention.default"}}
+
+
 @needs_torch_mlir
-def test_paged_runtime_graph_exports_with_cache_updates():
-    """optgptq_compile.generate's graphs hold rope_kv_write (mutates the pools) and paged_attention: both export;
-    the decomposed program returns the updated pools and computes the same logits and pools as the compiled graph."""
+@pytest.mark.parametrize("fuse_rope_attention", [True, False])
+def test_paged_runtime_graph_exports_with_cache_updates(fuse_rope_attention):
+    """optgptq_compile.generate's graphs hold rope_paged_attention, or rope_kv_write and paged_attention (both mutate
+    the pools): they export, the raw form keeps paged_attention as an op (the pool write becomes index_put); the
+    decomposed program returns the updated pools and computes the same logits and pools as the compiled graph."""
     model = tiny_llama(layers=1)
-    model.forward = torch.compile(model.forward, backend="optgptq", options=OPTIONS)
+    options = {**OPTIONS, "fuse_rope_attention": fuse_rope_attention}
+    model.forward = torch.compile(model.forward, backend="optgptq", options=options)
     with mlir._capture_final_graphs() as graphs, torch.no_grad():
         optgptq_compile.generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], max_new_tokens=1)  # ragged prefill only
     gm, inputs = graphs[0]
-    assert {"optgptq.rope_kv_write.default", "optgptq.paged_attention.default"} <= {str(n.target)
-                                                                                     for n in gm.graph.nodes}
-    raw = str(optgptq_compile.export_mlir(gm, inputs, "raw"))
-    assert "torch.optgptq.paged_attention" in operators(raw)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {t for t in targets if "optgptq" in t and "gptq_linear" not in t} == PAGED_GRAPH_OPS[fuse_rope_attention]
+    raw = operators(str(optgptq_compile.export_mlir(gm, inputs, "raw")))
+    assert raw.count("torch.optgptq.paged_attention") == 1
+    assert not [op for op in raw if "rope" in op or "kv_write" in op], raw  # mutating ops: index_put, not imported
     linalg = optgptq_compile.export_mlir(gm, inputs, "linalg-on-tensors")
     assert linalg.operation.verify() and operators(str(linalg)) == []
 

@@ -14,6 +14,7 @@ from . import gptq_linear  # noqa: F401  (registers optgptq::gptq_linear)
 from . import attention  # noqa: F401  (registers optgptq::attention)
 from . import paged_attention  # noqa: F401  (registers optgptq::kv_write, paged_attention, kv_gather)
 from . import rope_kv_write  # noqa: F401  (registers optgptq::rope_kv_write)
+from . import rope_paged_attention  # noqa: F401  (registers optgptq::rope_paged_attention)
 
 # base op overload -> {"triton": the Triton-kernel op overload with the same schema,
 #                       "prepare": optional fn(gm, node) run on the real graph before the swap (e.g. act-order sort)}
@@ -22,7 +23,7 @@ KERNEL_VARIANTS: dict = {}
 # Triton kernel modules: each defines VARIANTS (base op -> its kernel entry) and aot_specs() (ahead-of-time compile
 # specs, tests/lowering/test_aot_compile.py). Add a new kernel module here.
 TRITON_MODULES = ("triton_gptq_linear", "triton_attention", "triton_paged_attention", "triton_rope_kv_write",
-                  "triton_argmax")
+                  "triton_rope_paged_attention", "triton_argmax")
 
 try:  # the Triton kernels register only where triton imports; the package must import without it (or a GPU)
     import triton  # noqa: F401

@@ -96,8 +96,12 @@ def paged_attention_triton(
 
 
 def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale,
-                        config: Optional[dict] = None) -> torch.Tensor:
-    """Launcher: out [B, Hq, Sq, D] (contiguous). ``config`` overrides ``pick_config`` (tests, benchmarks)."""
+                        config: Optional[dict] = None, rope: Optional[tuple] = None) -> torch.Tensor:
+    """Launcher: out [B, Hq, Sq, D] (contiguous). ``config`` overrides ``pick_config`` (tests, benchmarks).
+    ``rope`` = (k, v, cos, sin, slot_mapping) of ``optgptq::rope_paged_attention`` at Sq == 1 (checked by its
+    launcher): q is then before RoPE. Where the config is one tile a program, the kernel rotates q and the new key
+    and stores the new k/v (``ROPE``); elsewhere ``rope_kv_write_kernel`` runs first (the kernel docstring says
+    why)."""
     b, hq, sq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
@@ -118,6 +122,11 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
                           hip=torch.version.hip is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     splits, split_len = split_plan(max_context, cfg.pop("SPLITS"), block_n)
+    if rope is not None and split_len != block_n:  # a K/V loop: RoPE and the KV write as a kernel of their own
+        from .triton_rope_kv_write import rope_kv_write_launch
+
+        q = rope_kv_write_launch(q, rope[0], rope[1], rope[2], rope[3], k_cache, v_cache, rope[4])
+        rope = None
     rows = sq * group
     split = splits > 1
     if split:  # fp32 partials, combined by the reduce kernel; every split writes all of its rows
@@ -132,16 +141,24 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     d_pad = triton.next_power_of_2(d)
     grid = (b * hkv, -(-rows // block_m), splits)
     use_pdl = pdl(q)
+    if rope is not None:
+        k_new, v_new, cos, sin, slot_mapping = rope  # k/v [B, Hkv, D], cos/sin [Bc, 1, 1, D], int64 [B]
+        rope_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                        0 if cos.shape[0] == 1 else cos.stride(0))
+    else:  # never dereferenced without ROPE
+        k_new = v_new = cos = sin = q
+        slot_mapping = context_lens
+        rope_strides = (0, 0, 0, 0, 0)
     # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
     wrap_triton(mod.paged_attention_kernel)[grid](
         q, k_cache, v_cache, block_tables, context_lens, alibi_slopes if alibi_slopes is not None else context_lens,
-        out, m_part, l_part, acc_part, sq, hkv, splits, split_len, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+        out, m_part, l_part, acc_part, k_new, v_new, cos, sin, slot_mapping, sq, hkv, splits, split_len,
+        scale * LOG2E, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), *rope_strides,
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), ALIBI=alibi_slopes is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
         NUM_STAGES=cfg["num_stages"], PDL=use_pdl, ONE_TILE=split_len == block_n, EARLY_KV=early_kv_ok(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(use_pdl))
+        ROPE=rope is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(use_pdl))
     if split:
         wrap_triton(mod.paged_attention_reduce_kernel)[(b * hkv, rows)](
             m_part, l_part, acc_part, out, sq, splits, GROUP=group, HEAD_DIM=d, D_PAD=d_pad,
@@ -244,28 +261,35 @@ def aot_specs(dtype: str = "fp16") -> list[tuple]:
     attn_sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", bt_ptr="*i32", ctx_ptr="*i32",
                     slopes_ptr="*fp32", out_ptr=f"*{dtype}", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
                     Sq="i32", Hkv="i32", num_splits="i32", split_len="i32", qk_scale="fp32",
-                    stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32", stride_ks="i32",
-                    stride_kh="i32", stride_btb="i32")
-    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi, longest context)
+                    kn_ptr=f"*{dtype}", vn_ptr=f"*{dtype}", cos_ptr=f"*{dtype}", sin_ptr=f"*{dtype}",
+                    slot_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_qs="i32", stride_kb="i32",
+                    stride_ks="i32", stride_kh="i32", stride_btb="i32", stride_knb="i32", stride_knh="i32",
+                    stride_vnb="i32", stride_vnh="i32", stride_csb="i32")
+    cases = []  # (label, batch, Sq, kv heads, group, head dim, alibi, longest context, rope)
     for i, (d, (hkv, group)) in enumerate((d, hg) for d in (64, 80, 128) for hg in ((32, 1), (8, 4), (4, 7))):
         alibi = i % 2 == 1
-        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi, 4096))
-    cases += [("dot paged decode 640 d128 g4 one-tile", 1, 1, 8, 4, 128, False, 640),  # e2e.py's batch-1 table
-              ("dot paged decode 640 d80 g7 alibi one-tile", 1, 1, 4, 7, 80, True, 640),
-              ("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True, 4096),
-              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False, 4096),
-              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True, 4096)]
+        cases.append((f"dot paged decode d{d} g{group}{' alibi' if alibi else ''}", 1, 1, hkv, group, d, alibi, 4096,
+                      False))
+    cases += [("dot paged decode 640 d128 g4 one-tile", 1, 1, 8, 4, 128, False, 640, False),  # e2e.py's batch-1 table
+              ("dot paged decode 640 d80 g7 alibi one-tile", 1, 1, 4, 7, 80, True, 640, False),
+              ("dot paged decode batch32 d128 g4 alibi", 32, 1, 8, 4, 128, True, 4096, False),
+              ("dot paged prefill d128 g4", 4, 512, 8, 4, 128, False, 4096, False),
+              ("dot paged prefill d80 g7 alibi", 4, 512, 4, 7, 80, True, 4096, False),
+              # rope_paged_attention (one-tile decode only): e2e.py's 7B (MHA) batch-1 table, SmolLM2's heads, GQA 7
+              ("rope paged decode 640 d128 g1 one-tile", 1, 1, 32, 1, 128, False, 640, True),
+              ("rope paged decode 640 d64 g3 one-tile", 1, 1, 3, 3, 64, False, 640, True),
+              ("rope paged decode 640 d80 g7 one-tile", 1, 1, 4, 7, 80, False, 640, True)]
     specs = []
     for hip in (False, True):
         backend = "hip" if hip else "cuda"
-        for label, batch, sq, hkv, group, d, alibi, context in cases:
+        for label, batch, sq, hkv, group, d, alibi, context, rope in cases:
             cfg = pick_config(batch, hkv, sq, group, d, context, torch_dtype, hip=hip)
             splits, split_len = split_plan(context, cfg["SPLITS"], cfg["BLOCK_N"])
             split = splits > 1
             const = dict(GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=16,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True, ALIBI=alibi, SPLIT=split,
                          IEEE=dtype == "fp32", NUM_STAGES=cfg["num_stages"], PDL=not hip,
-                         ONE_TILE=split_len == cfg["BLOCK_N"], EARLY_KV=True)
+                         ONE_TILE=split_len == cfg["BLOCK_N"], EARLY_KV=True, ROPE=rope)
             sig = {**attn_sig, **{name: "constexpr" for name in const}}
             specs.append((f"{label} {backend}{' split' if split else ''}", mod.paged_attention_kernel, sig,
                           const, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),

@@ -19,6 +19,16 @@ no loop: a program's time is then a chain of dependent loads (context length, bl
 EARLY_KV the chain starts before ``gdc_wait``: the context length, the block table and keys older than the step's
 Sq new ones are written by no kernel that can still be running (the launcher's ``early_kv_ok`` says why), so only
 the program whose tile holds a new key loads K/V after the wait, and every program loads q after it.
+
+ROPE (``optgptq::rope_paged_attention`` at decode, Sq == 1, ONE_TILE only): q arrives before its rotary embedding,
+and the step's key and value (position ctx - 1) arrive as the q/k/v projection's output, not from the pool. The
+tile then holds the keys before it only -- all older than the step, so with EARLY_KV the whole tile (and the token's
+slot) loads before ``gdc_wait`` -- and every program rotates its query rows after the wait. The program whose split
+holds the new key rotates it and adds it to its softmax as one more key from registers (``_attend_new``, a rank-1
+update); the last split's first query tile stores it and the value into the pool. Each row is rotated from two reads
+of it, at d and at its ``rotate_half`` partner (fp32, rounded once, as ``rope_kv_write_kernel`` does). The launcher
+runs ``rope_kv_write_kernel`` and plain paged attention where the config has a K/V loop (larger batches): there the
+step's key in registers cost more than it saved (H100, ``benchmarks/bench_rope_attention.py``, RESULTS.md).
 """
 
 import triton
@@ -103,6 +113,34 @@ def _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off,
 
 
 @triton.jit
+def _rope_rows(ptr, row_off, mask, cos, sin, d, HEAD_DIM: tl.constexpr):
+    """RoPE of rows at ``ptr + row_off`` [R] (the last dim contiguous) with cos/sin [DP] fp32: [R, DP] fp32. Each
+    row is read at d and at its ``rotate_half`` partner: out[:H] = x1 cos - x2 sin, out[H:] = x2 cos + x1 sin."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    low = d < HALF  # [DP]
+    partner = tl.where(low, d + HALF, d - HALF)  # [DP]
+    x = tl.load(ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)  # [R, DP]
+    xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.where(low[None, :], x * cos[None, :] - xp * sin[None, :], x * cos[None, :] + xp * sin[None, :])
+
+
+@triton.jit
+def _attend_new(acc, m_i, l_i, q, k_new, v_new, qk_scale, take):
+    """``_attend`` for one more key k_new [DP] with value v_new [DP] (the step's own, from registers), where take
+    [BM] (its split is this program's); no ALiBi term: the key is at the query's own position."""
+    s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale  # [BM]
+    s = tl.where(take, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use)  # [BM]
+    l_i = l_i * alpha + p
+    # p rounded to V's dtype, as _attend rounds it for its P @ V dot
+    acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+    return acc, m_new, l_i
+
+
+@triton.jit
 def paged_attention_kernel(
     q_ptr,  # [B, Hq, Sq, D], last dim contiguous
     k_ptr,  # [num_blocks, block_size, Hkv, D], last dim contiguous
@@ -114,15 +152,24 @@ def paged_attention_kernel(
     m_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] running max, log2 units (written with SPLIT)
     l_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits] softmax denominators
     acc_ptr,  # fp32 [B * Hkv, Sq * GROUP, num_splits, D] unnormalized outputs
+    kn_ptr,  # ROPE: [B, Hkv, D] (strides below, last dim contiguous) the step's keys, before RoPE
+    vn_ptr,  # ROPE: [B, Hkv, D] the step's values
+    cos_ptr,  # ROPE: [Bc, 1, 1, D] q's dtype, last dim contiguous (stride_csb 0 when shared by the batch)
+    sin_ptr,  # ROPE: same strides as cos
+    slot_ptr,  # ROPE: int64 [B] the new token's pool slot; -1 = a padding token: nothing stored, and its key and
+    # value are read from the pool (as attention after a write that skipped it reads them)
     Sq, Hkv, num_splits, split_len, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_ks, stride_kh, stride_btb,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_csb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, SPLIT: tl.constexpr,
     IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
     ONE_TILE: tl.constexpr,  # split_len == BLOCK_N: one K/V tile per program, no loop (decode at small batch)
     EARLY_KV: tl.constexpr,  # with PDL and ONE_TILE: read the context length, block ids and older keys before
     # gdc_wait (the module docstring says why that is safe; the launcher turns it off where it would not be)
+    ROPE: tl.constexpr,  # Sq == 1: q and the new key rotated here, the new k/v stored here (module docstring)
 ):
+    tl.static_assert(ONE_TILE or not ROPE, "ROPE is for one-tile programs (the launcher's choice)")
     if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
         tl.extra.cuda.gdc_launch_dependents()
         if not (ONE_TILE and EARLY_KV):
@@ -142,18 +189,19 @@ def paged_attention_kernel(
     d_ok = d < HEAD_DIM
     ctx = tl.load(ctx_ptr + b)
     qpos = ctx - Sq + qi  # [BM] position of each row's query in its sequence
+    kv_end = ctx - 1 if ROPE else ctx  # the tiles' keys: ROPE attends to the step's own key from registers
 
     # keys this tile can see: [0, key_end); keys every (real, non-padding) row sees: [0, full_end)
     first_q = (tile * BLOCK_M) // GROUP
     last_q = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, Sq - 1)
     if CAUSAL:
-        key_end = tl.minimum(ctx, ctx - Sq + last_q + 1)
+        key_end = tl.minimum(kv_end, ctx - Sq + last_q + 1)
         # a tile with a left-padding row (position < 0) also holds position 0, so its full_end floors to 0: padding
         # rows only ever meet masked tiles, where causality masks every key for them (they end with l = 0 -> zeros)
-        full_end = tl.minimum(ctx, tl.maximum(ctx - Sq + first_q, 0) + 1)
+        full_end = tl.minimum(kv_end, tl.maximum(ctx - Sq + first_q, 0) + 1)
     else:
-        key_end = ctx
-        full_end = ctx
+        key_end = kv_end
+        full_end = kv_end
     full_end = (full_end // BLOCK_N) * BLOCK_N
     lo = split * split_len  # split_len is a multiple of BLOCK_N: tiles stay aligned
     hi = tl.minimum(lo + split_len, key_end)  # <= lo: a split past the context, no iteration
@@ -165,16 +213,34 @@ def paged_attention_kernel(
         kpos, token_off, key_ok = _kv_offsets(lo, bt_row_ptr, kv_head_off, key_end, stride_kb, stride_ks, True,
                                               BLOCK_SIZE, BLOCK_N)  # [BN] x 3
         # keys before the step's Sq new ones are not being written now: with EARLY_KV they load before the wait
-        early = (kpos * 0 + lo + BLOCK_N) <= ctx - Sq  # [BN], all equal (the interpreter masks only with tensors)
+        # (ROPE: every key of the tile is, the step's own is not in it)
+        early = ((kpos * 0 + lo + BLOCK_N) <= ctx - Sq) | ROPE  # [BN], all equal (the interpreter masks only with
+        # tensors)
         k, v = _load_kv(k_ptr, v_ptr, token_off, key_ok & early, True, HEAD_DIM, D_PAD)  # [BN, DP] x 2
+        if ROPE:  # written by no kernel of the chain either: the token's slot, and the pool's row at its position
+            slot = tl.load(slot_ptr + b) + d * 0  # [DP] int64, all equal (the interpreter masks only with tensors)
+            k_old, v_old = _pool_row(k_ptr, v_ptr, bt_row_ptr, ctx - 1, kv_head_off, d, d_ok & (slot < 0),
+                                     stride_kb, stride_ks, BLOCK_SIZE)  # [DP] x 2 (a padding token's, else zeros)
         if PDL and EARLY_KV:
             tl.extra.cuda.gdc_wait()  # the last kernel is done: q and the step's new keys are written
-        k_new, v_new = _load_kv(k_ptr, v_ptr, token_off, key_ok & ~early, True, HEAD_DIM, D_PAD)
-        k = tl.where(early[:, None], k, k_new)
-        v = tl.where(early[:, None], v, v_new)
+        if not ROPE:
+            k_late, v_late = _load_kv(k_ptr, v_ptr, token_off, key_ok & ~early, True, HEAD_DIM, D_PAD)
+            k = tl.where(early[:, None], k, k_late)
+            v = tl.where(early[:, None], v, v_late)
 
     q_off = b.to(tl.int64) * stride_qb + head * stride_qh + qi * stride_qs  # [BM]
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, DP]
+    if ROPE:  # Sq == 1: rotate q; the step's key and value come from the projection (module docstring)
+        cos = tl.load(cos_ptr + b * stride_csb + d, mask=d_ok, other=0.0).to(tl.float32)  # [DP]
+        sin = tl.load(sin_ptr + b * stride_csb + d, mask=d_ok, other=0.0).to(tl.float32)
+        q = _rope_rows(q_ptr, q_off, row_ok[:, None] & d_ok[None, :], cos, sin, d, HEAD_DIM)  # [BM, DP] fp32
+        q = q.to(q_ptr.dtype.element_ty)
+        k_new, v_new = _new_key(kn_ptr, vn_ptr, k_ptr, v_ptr, slot, b, kv_head, kv_head_off, cos, sin, d, d_ok,
+                                split == num_splits - 1, tile == 0, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                stride_kb, stride_ks, HEAD_DIM, BLOCK_SIZE)  # [DP] x 2
+        k_new = tl.where(slot >= 0, k_new, k_old)  # a padding token: what the pool holds
+        v_new = tl.where(slot >= 0, v_new, v_old)
+    else:
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, DP]
     if ALIBI:
         slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634  # [BM] log2 units
     else:
@@ -183,16 +249,21 @@ def paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ONE_TILE:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, kpos, ctx, qpos, slope, qk_scale, True, CAUSAL, ALIBI, IEEE)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, kpos, kv_end, qpos, slope, qk_scale, True, CAUSAL, ALIBI,
+                                IEEE)
     else:
         for start in tl.range(lo, mid, BLOCK_N, num_stages=NUM_STAGES):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, kv_end, qpos,
                                          slope, stride_kb, stride_ks, qk_scale, False, CAUSAL, ALIBI, IEEE, HEAD_DIM,
                                          D_PAD, BLOCK_SIZE, BLOCK_N)
         for start in tl.range(mid, hi, BLOCK_N, num_stages=NUM_STAGES):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, ctx, qpos,
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, start, k_ptr, v_ptr, bt_row_ptr, kv_head_off, kv_end, qpos,
                                          slope, stride_kb, stride_ks, qk_scale, True, CAUSAL, ALIBI, IEEE, HEAD_DIM,
                                          D_PAD, BLOCK_SIZE, BLOCK_N)
+    if ROPE:  # the step's own key, in the split that holds its position
+        new_pos = qi * 0 + ctx - 1  # [BM]
+        acc, m_i, l_i = _attend_new(acc, m_i, l_i, q, k_new, v_new, qk_scale,
+                                    (new_pos >= lo) & (new_pos < lo + split_len))
 
     if SPLIT:  # a split with no key for a row (past the context, or a padding row) writes max -inf, sum 0, acc 0
         part = (pid_bh.to(tl.int64) * n_rows + rows) * num_splits + split  # [BM]
@@ -205,6 +276,38 @@ def paged_attention_kernel(
         o_off = ((b.to(tl.int64) * (Hkv * GROUP) + head) * Sq + qi) * HEAD_DIM  # [BM]
         tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pool_row(k_ptr, v_ptr, bt_row_ptr, pos, kv_head_off, d, mask, stride_kb, stride_ks, BLOCK_SIZE: tl.constexpr):
+    """The pool's K and V rows [DP] at key position ``pos`` (through the block table), where ``mask`` [DP]."""
+    pos = pos + d * 0  # [DP]
+    mask = mask & (pos >= 0)
+    block = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0)  # [DP], all equal
+    off = block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_ks + kv_head_off + d  # [DP]
+    return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _new_key(kn_ptr, vn_ptr, k_ptr, v_ptr, slot, b, kv_head, kv_head_off, cos, sin, d, d_ok, last_split, first_tile,
+             stride_knb, stride_knh, stride_vnb, stride_vnh, stride_kb, stride_ks, HEAD_DIM: tl.constexpr,
+             BLOCK_SIZE: tl.constexpr):
+    """ROPE: the step's key (rotated) and value [DP] in the pool's dtype, stored at the token's slot ([DP] int64, all
+    equal) by the last split's first query tile; a padding token (slot -1) loads and stores nothing (zeros)."""
+    new_ok = d_ok & (slot >= 0)  # [DP]
+    kn_row = (b.to(tl.int64) * stride_knb + kv_head * stride_knh) + tl.zeros([1], dtype=tl.int64)  # [1]
+    k_new = tl.reshape(_rope_rows(kn_ptr, kn_row, new_ok[None, :], cos, sin, d, HEAD_DIM), [d.shape[0]])  # [DP]
+    # rounded as the reference rounds: k_embed in k's dtype, then the pool's
+    k_new = k_new.to(kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(vn_ptr + b.to(tl.int64) * stride_vnb + kv_head * stride_vnh + d, mask=new_ok,
+                    other=0.0).to(v_ptr.dtype.element_ty)  # [DP]
+    slot_off = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head_off + d  # [DP]
+    # the last split's: in grid order (the interpreter's), the splits before it read the pool before this store,
+    # as they may on a GPU, and must not depend on it
+    if last_split & first_tile:
+        tl.store(k_ptr + slot_off, k_new, mask=new_ok)
+        tl.store(v_ptr + slot_off, v_new, mask=new_ok)
+    return k_new, v_new
 
 
 @triton.jit

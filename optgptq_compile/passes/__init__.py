@@ -2,7 +2,8 @@
 
 Order matters: attention is matched before the linear pass (head merging rewrites K/V projection weights, which
 must happen before they are quantized), the paged-KV rewrite runs on the matched attention ops (and the RoPE fold
-on the KV writes it leaves), and sibling projections are fused only once they are gptq_linear calls; the norm /
+on the KV writes it leaves, then the fold of each rope_kv_write into the paged_attention reading its rotated query,
+which needs the ops of both), and sibling projections are fused only once they are gptq_linear calls; the norm /
 residual fold runs on the fused calls (one norm then feeds one q/k/v call, not three), and the silu * up fold after
 it, on the fused gate/up call (whose norm it keeps; its halves exist as one call's columns only after
 fuse_projections). The outer-product matmul rewrite (the rotary embedding's [B, D/2, 1] @ [B, 1, S]) needs nothing
@@ -21,6 +22,7 @@ from .calibrate_gptq import calibrate_gptq
 from .convert_gqa import convert_gqa
 from .fuse_norm_residual import fuse_norm_residual
 from .fuse_projections import fuse_projections
+from .fuse_rope_attention import fuse_rope_attention
 from .fuse_rope_kv_write import fuse_rope_kv_write
 from .fuse_silu_mul import fuse_silu_mul
 from .match_attention import match_attention
@@ -35,6 +37,7 @@ PASSES: list[Pass] = [
     convert_gqa,
     paged_kv,
     fuse_rope_kv_write,
+    fuse_rope_attention,
     calibrate_gptq,
     quantize_linear,
     fuse_projections,

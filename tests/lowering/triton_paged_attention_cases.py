@@ -267,9 +267,11 @@ def test_generate_with_triton_kernels_matches_reference(make):
             outs[kernels] = optgptq_compile.generate(model, prompts, 4, block_size=8)
         targets = {t for gm in graphs for t in call_targets(gm)}
         if kernels == "triton":
-            assert torch.ops.optgptq.paged_attention_triton.default in targets
-            # the KV write: Llama's with its RoPE (fuse_rope_kv_write), BLOOM's (ALiBi, no RoPE) on its own
-            write = torch.ops.optgptq.rope_kv_write_triton if make is tiny_llama else torch.ops.optgptq.kv_write_triton
-            assert write.default in targets
-            assert torch.ops.optgptq.paged_attention.default not in targets
+            # Llama: RoPE, KV write and attention in one op (fuse_rope_kv_write, then fuse_rope_attention); BLOOM
+            # (ALiBi, no RoPE): the KV write and paged attention
+            ops = torch.ops.optgptq
+            wanted = ([ops.rope_paged_attention_triton] if make is tiny_llama
+                      else [ops.kv_write_triton, ops.paged_attention_triton])
+            assert {op.default for op in wanted} <= targets
+            assert not {ops.paged_attention.default, ops.rope_paged_attention.default} & targets
     assert outs["triton"] == outs["reference"]

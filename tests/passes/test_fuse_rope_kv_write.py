@@ -22,8 +22,11 @@ PROMPTS = [[5, 9, 14, 3, 22], [7], [30, 31, 32, 33, 34, 35, 36, 37, 38]]  # ragg
 def _generate(model, **options):
     torch._dynamo.reset()
     optgptq_compile.reset_stats()
+    # fuse_rope_attention off: it would fold each rope_kv_write this pass makes into its paged_attention (that
+    # pipeline is tested in test_fuse_rope_attention.py); here the graphs show this pass's own output
     compiled = torch.compile(model, backend="optgptq", options={"bits": 4, "group_size": 32, "strict": True,
-                                                                "kernels": "reference", **options})
+                                                                "kernels": "reference", "fuse_rope_attention": False,
+                                                                **options})
     with recording() as graphs:
         tokens = optgptq_compile.generate(compiled, PROMPTS, [6, 3, 5], block_size=8)
     return tokens, graphs, optgptq_compile.stats()

@@ -72,9 +72,14 @@ def test_compiled_matches_hf_and_reads_blocks(name, form, references):
     assert out == ref
     assert last_stats()["preemptions"] > 0
     targets = {t for g in graphs for t in call_targets(g)}
-    # Llama's RoPE goes into the KV write (fuse_rope_kv_write); BLOOM (ALiBi) keeps the plain write
-    write = torch.ops.optgptq.rope_kv_write.default if name == "llama" else torch.ops.optgptq.kv_write.default
-    assert torch.ops.optgptq.paged_attention.default in targets and write in targets
+    # Llama's RoPE goes into the KV write (fuse_rope_kv_write), and that into the attention (fuse_rope_attention);
+    # BLOOM (ALiBi) keeps the plain write and attention
+    ops = torch.ops.optgptq
+    paged_ops = {ops.kv_write.default, ops.rope_kv_write.default, ops.paged_attention.default,
+                 ops.rope_paged_attention.default}
+    expected = {ops.rope_paged_attention.default} if name == "llama" else {ops.kv_write.default,
+                                                                           ops.paged_attention.default}
+    assert targets & paged_ops == expected
     assert torch.ops.optgptq.kv_gather.default not in targets and torch.ops.optgptq.attention.default not in targets
     assert optgptq_compile.stats()["fallbacks"] == 0
 
