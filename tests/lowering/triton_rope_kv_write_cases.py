@@ -91,13 +91,15 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_generate_with_the_triton_kernel_matches_reference():
-    """The runtime end to end on a GQA Llama: prefill of ragged prompts and decode steps through the fused op."""
+    """The runtime end to end on a GQA Llama: prefill of ragged prompts and decode steps through the fused op (with
+    fuse_rope_attention off, which would fold it into the attention: triton_paged_attention_cases covers that)."""
     prompts = [[5, 9, 14, 3, 22], [7], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
     outs = {}
     for kernels in ("reference", "triton"):
         torch._dynamo.reset()
         model = torch.compile(tiny_llama(layers=1), backend="optgptq",
-                              options={"bits": None, "kernels": kernels, "strict": True})
+                              options={"bits": None, "kernels": kernels, "strict": True,
+                                       "fuse_rope_attention": False})
         with recording() as graphs:
             outs[kernels] = optgptq_compile.generate(model, prompts, 4, block_size=8)
         targets = {t for gm in graphs for t in call_targets(gm)}
