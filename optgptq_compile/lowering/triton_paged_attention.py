@@ -26,6 +26,7 @@ import triton  # noqa: F401  (lowering/__init__ registers this module only where
 from torch.library import triton_op, wrap_triton
 
 from .paged_attention import check_kv_write, check_paged_attention, torch_kv_write, torch_paged_attention  # noqa: F401
+from .triton_rope_kv_write import _broadcast_stride, rope_kv_write_launch
 from .triton_utils import (check_device, device_index, kernels, launch_options, num_sms, pdl, per_backend,
                            tracing_interpreted)
 
@@ -98,10 +99,9 @@ def paged_attention_triton(
 def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes, causal, scale,
                         config: Optional[dict] = None, rope: Optional[tuple] = None) -> torch.Tensor:
     """Launcher: out [B, Hq, Sq, D] (contiguous). ``config`` overrides ``pick_config`` (tests, benchmarks).
-    ``rope`` = (k, v, cos, sin, slot_mapping) of ``optgptq::rope_paged_attention`` at Sq == 1 (checked by its
-    launcher): q is then before RoPE. Where the config is one tile a program, the kernel rotates q and the new key
-    and stores the new k/v (``ROPE``); elsewhere ``rope_kv_write_kernel`` runs first (the kernel docstring says
-    why)."""
+    ``rope`` = (k, v, cos, sin, slot_mapping) of ``optgptq::rope_paged_attention`` (prepared by its launcher): q
+    is then before RoPE. At decode with one tile a program the kernel rotates q and the new key and stores the new
+    k/v (``ROPE``); elsewhere ``rope_kv_write_kernel`` runs first (the kernel docstring says why)."""
     b, hq, sq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
@@ -122,9 +122,7 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
                           hip=torch.version.hip is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     splits, split_len = split_plan(max_context, cfg.pop("SPLITS"), block_n)
-    if rope is not None and split_len != block_n:  # a K/V loop: RoPE and the KV write as a kernel of their own
-        from .triton_rope_kv_write import rope_kv_write_launch
-
+    if rope is not None and (sq != 1 or split_len != block_n):  # prefill or a K/V loop: RoPE + KV write first
         q = rope_kv_write_launch(q, rope[0], rope[1], rope[2], rope[3], k_cache, v_cache, rope[4])
         rope = None
     rows = sq * group
@@ -144,7 +142,7 @@ def paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, alibi_s
     if rope is not None:
         k_new, v_new, cos, sin, slot_mapping = rope  # k/v [B, Hkv, D], cos/sin [Bc, 1, 1, D], int64 [B]
         rope_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-                        0 if cos.shape[0] == 1 else cos.stride(0))
+                        _broadcast_stride(cos, 0))
     else:  # never dereferenced without ROPE
         k_new = v_new = cos = sin = q
         slot_mapping = context_lens
