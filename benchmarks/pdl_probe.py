@@ -11,7 +11,8 @@ programs start while the previous GEMV finishes, load their first weight tile, a
 they read x. Both must give bitwise the same hidden state (the same arithmetic in the same order).
 ``--variants`` adds chains whose GEMVs take config overrides (a JSON object name -> overrides of ``pick_config``,
 e.g. ``{"sm6": {"PDL": true, "PER_SM": 6}, "bn256": {"PDL": true, "BLOCK_N": 256, "BLOCK_K": 32, "PER_SM": 8}}``;
-PER_SM recomputes the split), each checked against the plain chain: bitwise where only PDL changes, else to a
+PER_SM recomputes the split; a key naming one GEMV, ``{"gu7": {"PDL": true, "gate/up": {"SPLIT_K": 7}}}``, holds
+overrides for that GEMV alone), each checked against the plain chain: bitwise where only PDL changes, else to a
 relative 5e-2 (sums in another order; 8 layers of bf16 outputs put them ~1.5e-2 apart). Also times each shape
 alone (a graph of the same GEMV over its copies), with and without PDL. Writes ``pdl_probe.json`` to --out.
 """
@@ -40,13 +41,15 @@ LAYER = {  # name: (N, K)
 }
 
 
-def gemv(x, w, over, **fused):
-    """One GEMV with pick_config's config updated by ``over`` (PER_SM: the split recomputed for it)."""
+def gemv(x, w, over, name=None, **fused):
+    """One GEMV with pick_config's config updated by ``over`` (PER_SM: the split recomputed for it). Keys of
+    ``over`` that name a GEMV of the layer (``"gate/up": {...}``) hold overrides for that GEMV alone."""
     n, k = w[2].shape[-1], x.shape[-1]
+    over = {**{key: v for key, v in over.items() if key not in LAYER}, **over.get(name, {})}
     sms = T.num_sms(T.device_index(x))
-    cfg = {**T.pick_config(1, n, k, 4, 128, sms), **over}
+    cfg = {**T.pick_config(1, n, k, 4, 128, sms, norm="norm_weight" in fused), **over}
     if "PER_SM" in over:
-        cfg["SPLIT_K"] = T._split_k(1, n, k, cfg, sms, per_sm=over["PER_SM"])
+        cfg["SPLIT_K"] = T._split_k(1, n, k, cfg, sms, per_sm=over["PER_SM"], one_wave=True)
     return T.gptq_matmul(x, *w, None, 4, 128, config=cfg, **fused)
 
 
@@ -57,10 +60,10 @@ def layer_chain(layers, h0, nw, over):
     def run():
         x = h
         for w in layers:
-            qkv = gemv(x, w["qkv"], over, norm_weight=nw, eps=1e-5)
-            x = gemv(qkv[:, :HIDDEN], w["o"], over, residual=x)
-            g = gemv(x, w["gate/up"], over, norm_weight=nw, eps=1e-5, act="silu_mul")
-            x = gemv(g, w["down"], over, residual=x)
+            qkv = gemv(x, w["qkv"], over, "qkv", norm_weight=nw, eps=1e-5)
+            x = gemv(qkv[:, :HIDDEN], w["o"], over, "o", residual=x)
+            g = gemv(x, w["gate/up"], over, "gate/up", norm_weight=nw, eps=1e-5, act="silu_mul")
+            x = gemv(g, w["down"], over, "down", residual=x)
         h.copy_(x)
     return run, h
 

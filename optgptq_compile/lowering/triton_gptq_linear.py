@@ -53,20 +53,27 @@ DEQUANT_MIN_M = 65  # from here on: dequantize once + cuBLAS (prefill); below, t
 CHUNK_MIN_M, CHUNK_N = 2048, 2048
 
 
-def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int = 132) -> dict:
+# One-warp M=1 GEMV programs an H100 SM holds at once (65536 registers / (32 x registers a thread)), by whether the
+# RMSNorm is folded in (NORM). sm90 ptxas, session 16: 243 registers with it (the norm weights ride with x, a tile
+# ahead), 168 without; benchmarks/sass_loop.py ``registers`` shows them. The launcher splits K into as many programs
+# as fit at once (``_split_k``'s ``one_wave``).
+GEMV_RESIDENT = {True: 8, False: 12}
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int = 132, norm: bool = False) -> dict:
     """Kernel, block sizes, warps, stages and split-K for one GEMM shape, set from the H100 sweep
     (benchmarks/bench_gptq_matmul.py --sweep, 7B MLP shapes); tiles >= 16 for every dot and warp counts that fit
-    64-lane AMD waves."""
+    64-lane AMD waves. ``norm``: the RMSNorm is folded into the M=1 GEMV (a bigger build: fewer programs fit)."""
     gs = k if group_size == -1 else group_size
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant", BLOCK_K=32 if bits == 3 else 128, BLOCK_N=64, num_warps=4, num_stages=1,
                     CHUNK_N=CHUNK_N if m >= CHUNK_MIN_M and n > CHUNK_N else 0)
     if m == 1 and bits != 3:  # lanes spread over columns only, every row of a tile in-thread
         # H100, session 7 (RESULTS.md, 7B shapes): the register-prefetch loop without cp.async (num_stages=1), 1-warp
-        # programs of 128 columns, ~8 per SM: a 7B layer's four GEMVs 59.4 us, against 64.1 for session 5's
-        # pipelined 2-warp config and 60.4 for the best 2-warp one (6 per SM)
+        # programs of 128 columns: a 7B layer's four GEMVs 59.4 us, against 64.1 for session 5's pipelined 2-warp
+        # config and 60.4 for the best 2-warp one. Session 16: as many programs as the SMs hold at once (PER_SM)
         cfg = dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, num_warps=1, num_stages=1, ACC_ROWS=False,
-                   PER_SM=8)
+                   PER_SM=GEMV_RESIDENT[norm])
     elif bits != 3:  # 2..64 rows: gptq_dot_kernel (weights as the dot's 64-row side), split-K for parallelism
         # H100 sweeps, 11008x4096 (RESULTS.md): M=16 with words 40.3 us with 16x256x64 tiles (49.6 with
         # 16x128x128); M=2..16 with half-words ~28 us with 16x128x64, 3 stages (31 with 16x128x128; session 6);
@@ -86,17 +93,25 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
     while cfg["BLOCK_K"] > 16 and gs % cfg["BLOCK_K"] and gs < k:  # a tile must not straddle two groups
         cfg["BLOCK_K"] //= 2
-    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=cfg.get("PER_SM", 4))
+    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=cfg.get("PER_SM", 4), one_wave=cfg["KERNEL"] == "gemv")
     return cfg
 
 
-def _split_k(m: int, n: int, k: int, cfg: dict, num_sms: int, per_sm: int = 4) -> int:
-    """Enough programs for ~``per_sm`` per SM when the output tiles alone are too few (decode)."""
+def _split_k(m: int, n: int, k: int, cfg: dict, num_sms: int, per_sm: int = 4, one_wave: bool = False) -> int:
+    """Enough programs for ~``per_sm`` per SM when the output tiles alone are too few (decode); with ``one_wave``
+    (the M=1 GEMV, ``per_sm`` = the programs an SM holds at once) the most that fit at once, never one more. H100
+    session 16 (RESULTS.md): the fused gate/up GEMV of a 7B layer (172 column tiles, 243 registers: 8 programs an
+    SM) took 7 splits = 1204 programs for 1056 places, 148 of them a second wave; 6 splits (1032) took the layer's
+    GEMV chain 59.0 -> 56.3 us. The 168-register builds (12 an SM) had been held to ~8 an SM: filling their 12 took
+    the chain to 53.7 us (down 4096x11008 alone 14.0 -> 12.6 us, up 11008x4096 12.7 -> 11.8), e2e batch 1 443.9 ->
+    476.0 tok/s. Rounding the splits to whole tiles can only lower their count, so the launch stays within the wave.
+    Capping the norm builds' registers to fit more programs lost (spills, or 10 an SM: chain 60.5-61.9 us)."""
     tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
     k_iters = -(-k // cfg["BLOCK_K"])
     if m > 64 or tiles >= 2 * num_sms:
         return 1
-    return max(1, min(k_iters // 2, -(-per_sm * num_sms // tiles)))
+    slots = per_sm * num_sms
+    return max(1, min(k_iters // 2, slots // tiles if one_wave else -(-slots // tiles)))
 
 
 @triton_op("optgptq::gptq_linear_triton", mutates_args=())
@@ -149,7 +164,8 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, bias, bits, group_size, confi
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = dict(config) if config is not None else pick_config(m, n, k, bits, group_size, num_sms(device_index(x)))
+    cfg = dict(config) if config is not None else pick_config(m, n, k, bits, group_size, num_sms(device_index(x)),
+                                                              norm=norm_weight is not None)
     kind = cfg.pop("KERNEL")
     if norm_weight is not None and kind != "gemv":  # only the gemv folds the norm in
         x2 = rms_norm(x2, norm_weight, eps)
@@ -327,7 +343,7 @@ def _gemv(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, norm_
     k, n = x2.shape[1], scales.shape[-1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = cfg["SPLIT_K"] or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk), num_sms(device_index(x2)),
-                                       per_sm=cfg.get("PER_SM", 4))
+                                       per_sm=cfg.get("PER_SM", 4), one_wave=True)
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     tiles = -(-n // bn)
@@ -544,7 +560,7 @@ def gemv_aot_spec(n: int, k: int, bits: int, group: int, cfg: dict, dtype: str =
     residual folded in (``gptq_linear_fused``); ``silu_mul``: the gate/up form, the RMSNorm and silu(gate) * up."""
     gs = k if group == -1 else group
     split = cfg.get("SPLIT_K") or _split_k(1, n, k, dict(BLOCK_M=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
-                                           132, per_sm=cfg.get("PER_SM", 4))
+                                           132, per_sm=cfg.get("PER_SM", 4), one_wave=True)
     sig = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{dtype}", g_ptr="*i32", b_ptr=f"*{dtype}",
                nw_ptr=f"*{dtype}", res_ptr=f"*{dtype}", y_ptr=f"*{dtype}", part_ptr="*fp32", ss_ptr="*fp32",
                lock_ptr="*i32", N="i32", K="i32", ZW="i32", k_per_split="i32", half_shift="i32", eps="fp32")

@@ -286,6 +286,35 @@ def test_decode_batches_pick_the_fused_dot_kernel():
     assert T.pick_config(T.DEQUANT_MIN_M, 11008, 4096, 4, 128)["KERNEL"] == "dequant"
 
 
+def _gemv_programs(n, k, cfg):
+    """Programs the M=1 launcher starts for cfg: column tiles x splits, after the splits are rounded to whole tiles
+    (as ``_gemv`` does)."""
+    k_per_split = -(-k // (cfg["SPLIT_K"] * cfg["BLOCK_K"])) * cfg["BLOCK_K"]
+    return -(-n // cfg["BLOCK_N"]) * -(-k // k_per_split)
+
+
+@pytest.mark.parametrize("n,k", [(22016, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (28672, 8192),
+                                 (8192, 28672), (10240, 8192), (1536, 576)])
+def test_gemv_split_k_stays_within_one_wave(n, k):
+    """M=1 splits K into as many programs as the SMs hold at once (GEMV_RESIDENT: fewer with the RMSNorm folded in,
+    a bigger build), never more: a second, partial wave cost the fused gate/up GEMV of a 7B layer 2.7 us, and
+    filling the whole wave took down 4096x11008 14.0 -> 12.6 us (RESULTS.md, session 16). 7B gate/up (172 column
+    tiles, 132 SMs): 6 splits fused, 9 plain; down (32 tiles, 172 K tiles): 43 splits of 4 tiles."""
+    for norm in (False, True):
+        cfg = T.pick_config(1, n, k, 4, 128, 132, norm=norm)
+        slots = T.GEMV_RESIDENT[norm] * 132
+        assert cfg["KERNEL"] == "gemv" and cfg["PER_SM"] == T.GEMV_RESIDENT[norm]
+        assert _gemv_programs(n, k, cfg) <= slots, (norm, cfg)
+        one_more = dict(cfg, SPLIT_K=cfg["SPLIT_K"] + 1)  # the next split count overflows the wave (or K's tiles)
+        assert (_gemv_programs(n, k, one_more) > slots or cfg["SPLIT_K"] == -(-k // cfg["BLOCK_K"]) // 2
+                or _gemv_programs(n, k, one_more) == _gemv_programs(n, k, cfg)), (norm, cfg)
+    if (n, k) == (22016, 4096):
+        assert T.pick_config(1, n, k, 4, 128, 132, norm=True)["SPLIT_K"] == 6
+        assert T.pick_config(1, n, k, 4, 128, 132, norm=False)["SPLIT_K"] == 9
+    if (n, k) == (4096, 11008):
+        assert _gemv_programs(n, k, T.pick_config(1, n, k, 4, 128, 132)) == 32 * 43
+
+
 def test_long_prompts_dequantize_in_chunks():
     """From CHUNK_MIN_M rows on, prefill dequantizes CHUNK_N columns at a time (each chunk's GEMM large enough to fill
     the GPU); shorter prompts, and weights no wider than a chunk, in one pass."""
