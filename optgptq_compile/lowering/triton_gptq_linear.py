@@ -56,7 +56,7 @@ CHUNK_MIN_M, CHUNK_N = 2048, 2048
 # One-warp M=1 GEMV programs an H100 SM holds at once (65536 registers / (32 x registers a thread)), by whether the
 # RMSNorm is folded in (NORM). sm90 ptxas, session 16: 243 registers with it (the norm weights ride with x, a tile
 # ahead), 168 without; benchmarks/sass_loop.py ``registers`` shows them. The launcher splits K into as many programs
-# as fit at once (``_split_k``'s ``one_wave``).
+# as fit at once (``_split_k``'s ``one_wave``). Measured on the H100 only: ROCm builds take the same counts per CU.
 GEMV_RESIDENT = {True: 8, False: 12}
 
 
