@@ -6,9 +6,15 @@ bf16 cuBLAS and tinygemm at the 7B decode shapes, with the launcher's configs ov
 Variants (never shipped; each edit asserts the line it replaces, so a kernel change breaks the probe loudly):
   base        the kernel as it is
   nog         no ``g_idx`` check in the K loop (its cost)
-  memw        weights, scales and zeros streamed as the kernel does, no x loads and no dequant arithmetic: the
-              memory floor of this loop structure
+  memw        weights, scales and zeros streamed as the kernel does, no dequant arithmetic (x still comes in with
+              the weights, 16 bytes a word row from L1): the memory floor of this loop structure
   memw_nored  memw without the split-K reduce (partials stored; no atomic counter, no last-program reduction)
+  tiled       each (8 word rows x BLOCK_N columns) tile read from one contiguous block instead of 8 rows N words
+              apart: what a tile-major repacked weight layout would buy (the result is wrong, the bytes the same)
+  memw_tiled  memw with tiled's addressing
+  relaxed     the split-K arrival counter without its acquire/release fences (wrong in principle): their cost
+  arrive_only the counter as shipped, but the last split writes its own sums (no partial-sum loads): their cost
+  unroll      the last split's partial-sum loop unrolled 4x, so its loads can be in flight together
   file:PATH   a whole kernel module (a candidate kernel: same ``gptq_gemv_kernel`` signature, extra constexprs with
               defaults)
 A plan entry's config is merged into the launcher's M=1 config (``pick_config``), e.g. ``{"num_warps": 4}``.
@@ -36,15 +42,25 @@ from optgptq_compile.lowering.gptq_linear import torch_gptq_linear  # noqa: E402
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "optgptq_compile", "lowering",
                    "triton_gptq_gemv_kernel.py")
 SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096), (22016, 4096)]  # up, down, o, qkv, gate-up
-G_CHECK = "                bad += (tl.load(g_ptr + offs_k) != g).to(tl.int32)\n"
-TILE_CALL = ("            t, xs = _tile(words, x_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, BITS, PER)"
-             "  # [BKW, BN], [BKW]\n")
-ARRIVE = '        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")\n'
+G_CHECK = "            bad += ((gk != g) & (offs_k < K)).to(tl.int32)\n"
+TILE_CALL = ("            t, xs, sq = _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, NORM, BITS,\n"
+             "                              PER)  # [BKW, BN], [BKW], [BKW]\n")
+ARRIVE = '        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")\n'
+SUM_N = "                acc = _sum_splits(part_ptr, N, offs_n, mask_n, splits, REDUCE_ROWS, BLOCK_N)\n"
+SUM_LOOP = "    for i0 in range(0, splits, REDUCE_ROWS):\n"
+W_ADDR = "    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask="
+# tile (k0 // BLOCK_K, column tile) at its own contiguous BKW * BN words: a permutation of the same buffer
+W_TILED = ("    BNW: tl.constexpr = offs_n.shape[0]\n"
+           "    words = tl.load(qw_ptr + (k0 // PER) * N + tl.arange(0, BKW)[:, None] * BNW"
+           " + (offs_n + offs_n // BNW * ((BKW - 1) * BNW))[None, :], mask=")
 
 
 def _replace(src: str, old: str, new: str) -> str:
     assert old in src, f"the probe's edit no longer matches the kernel: {old!r}"
     return src.replace(old, new)
+
+
+VARIANTS = ("base", "nog", "memw", "memw_nored", "relaxed", "arrive_only", "unroll", "tiled", "memw_tiled")
 
 
 def variant_source(name: str) -> str:
@@ -54,13 +70,25 @@ def variant_source(name: str) -> str:
     if name == "base":
         return src
     if name == "nog":
-        return _replace(src, G_CHECK, "                pass\n")
+        return _replace(src, G_CHECK, "            pass\n")
     if name == "memw":
-        src = _replace(src, G_CHECK, "                pass\n")
+        src = _replace(src, G_CHECK, "            pass\n")
         return _replace(src, TILE_CALL, "            t = words.to(tl.float32, bitcast=True) + z[None, :].to(tl.float32)\n"
-                                        "            xs = tl.zeros((BKW,), dtype=tl.float32)\n")
+                                        "            xs = tl.zeros((BKW,), dtype=tl.float32)\n"
+                                        "            sq = xs\n")
     if name == "memw_nored":
         return _replace(variant_source("memw"), ARRIVE, "        arrived = -1\n")
+    if name == "relaxed":
+        return _replace(src, ARRIVE, ARRIVE.replace('sem="acq_rel"', 'sem="relaxed"'))
+    if name == "arrive_only":
+        return _replace(src, SUM_N, "                pass\n")
+    if name == "unroll":
+        return _replace(src, SUM_LOOP, SUM_LOOP.replace("REDUCE_ROWS):", "REDUCE_ROWS, loop_unroll_factor=4):")
+                        .replace("range(", "tl.range("))
+    if name == "tiled":
+        return _replace(src, W_ADDR, W_TILED)
+    if name == "memw_tiled":
+        return _replace(variant_source("memw"), W_ADDR, W_TILED)
     raise KeyError(f"unknown variant {name!r}")
 
 

@@ -312,7 +312,7 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
     m, k = x2.shape
     n = scales.shape[-1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    split = cfg["SPLIT_K"] or _split_k(m, n, k, cfg, num_sms(device_index(x2)))
+    split = cfg["SPLIT_K"] or _split_k(m, n, k, cfg, num_sms(device_index(x2)), per_sm=cfg.get("PER_SM", 4))
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     grid = (-(-m // bm), -(-n // bn), split)
