@@ -43,8 +43,8 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
                    "triton_gptq_gemv_kernel.py")
 SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096), (22016, 4096)]  # up, down, o, qkv, gate-up
 G_CHECK = "            bad += ((gk != g) & (offs_k < K)).to(tl.int32)\n"
-TILE_CALL = ("            t, xs, sq = _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, NORM, BITS,\n"
-             "                              PER)  # [BKW, BN], [BKW], [BKW]\n")
+TILE_CALL = ("            t, xs, sq = _tile(words, xw, ww, x_ptr, nw_ptr, rows, K, half_shift, EVEN_K, X_PAIRS, NORM,"
+             " BITS,\n                              PER)  # [BKW, BN], [BKW], [BKW]\n")
 ARRIVE = '        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")\n'
 SUM_N = "                acc = _sum_splits(part_ptr, N, offs_n, mask_n, splits, REDUCE_ROWS, BLOCK_N)\n"
 SUM_LOOP = "    for i0 in range(0, splits, REDUCE_ROWS):\n"
@@ -73,9 +73,10 @@ def variant_source(name: str) -> str:
         return _replace(src, G_CHECK, "            pass\n")
     if name == "memw":
         src = _replace(src, G_CHECK, "            pass\n")
-        return _replace(src, TILE_CALL, "            t = words.to(tl.float32, bitcast=True) + z[None, :].to(tl.float32)\n"
-                                        "            xs = tl.zeros((BKW,), dtype=tl.float32)\n"
-                                        "            sq = xs\n")
+        return _replace(src, TILE_CALL,
+                        "            t = words.to(tl.float32, bitcast=True) + z[None, :].to(tl.float32)\n"
+                        "            xs = tl.zeros((BKW,), dtype=tl.float32)\n"
+                        "            sq = xs\n")
     if name == "memw_nored":
         return _replace(variant_source("memw"), ARRIVE, "        arrived = -1\n")
     if name == "relaxed":
