@@ -10,7 +10,8 @@ Two ways to drive it:
 - the runtime (``generate``) plans every step: ``set_plan`` gives the slots of the new tokens, block tables,
   context lengths and the [B, L] attention mask it also passes to the model; graphs see only tensors, so B, Sq and
   L are symbolic and decoding does not recompile;
-- plain HF ``generate(past_key_values=PagedKVCache(...))``: with no plan, the cache allocates blocks itself on each
+- plain HF ``generate(cache=PagedKVCache(...))`` (``past_key_values=`` before transformers renamed it;
+  ``scheduler.cache_kwarg(model)`` says which): with no plan, the cache allocates blocks itself on each
   layer-0 update, the same number of tokens for every row (like ``DynamicCache``).
 """
 

@@ -92,6 +92,13 @@ def _forward_params(model) -> set:
     return set(inspect.signature(type(base).forward).parameters)
 
 
+def cache_kwarg(model) -> str:
+    """The keyword a HF model's ``forward`` (and ``generate``) takes its KV cache by: ``cache`` in the transformers
+    releases that renamed it (5.24 has it and warns that ``past_key_values`` goes in 5.40), ``past_key_values``
+    before (5.17)."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
 class Engine:
     """Serves requests on ``model`` with a paged cache of ``num_blocks`` blocks (see module docstring)."""
 
@@ -109,6 +116,7 @@ class Engine:
         params = _forward_params(model)
         self._pass_positions = "position_ids" in params
         self._pass_logits_to_keep = "logits_to_keep" in params
+        self._cache_kwarg = cache_kwarg(model)
         self.graphs = graphs  # cuda_graphs.DecodeGraphs or None
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Optional[InFlightStep] = None
@@ -322,8 +330,8 @@ class Engine:
             for dim in range(t[name].dim() if name != "block_tables" else 1):
                 torch._dynamo.maybe_mark_dynamic(t[name], dim)
         self.cache.set_plan(t["slot_mapping"], t["block_tables"], t["context_lens"], t["attention_mask"])
-        kwargs = dict(input_ids=t["input_ids"], attention_mask=t["attention_mask"], past_key_values=self.cache,
-                      use_cache=True)
+        kwargs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"], self._cache_kwarg: self.cache,
+                  "use_cache": True}
         if self._pass_positions:
             kwargs["position_ids"] = t["position_ids"]
         if self._pass_logits_to_keep:

@@ -13,6 +13,7 @@ import torch
 import optgptq_compile  # noqa: F401  (registers the ops and the backend)
 from optgptq_compile.lowering import triton_attention as T
 from optgptq_compile.lowering.attention import torch_attention
+from optgptq_compile.runtime.scheduler import cache_kwarg
 from tests.models import call_targets, recording, tiny_bloom, tiny_llama
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}  # fp16: P is rounded to fp16 for the P @ V dot, output to fp16
@@ -223,7 +224,7 @@ def _prefill_then_decode(model, kernels, ids, mask):
         first = compiled(ids, attention_mask=mask, use_cache=True)
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        second = compiled(nxt, attention_mask=mask2, past_key_values=first.past_key_values, use_cache=True)
+        second = compiled(nxt, attention_mask=mask2, use_cache=True, **{cache_kwarg(model): first.past_key_values})
     return first.logits, second.logits, [t for g in graphs for t in call_targets(g)]
 
 

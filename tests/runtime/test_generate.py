@@ -6,6 +6,7 @@ import torch
 import optgptq_compile
 from optgptq_compile.runtime.cuda_graphs import DecodeGraphs
 from optgptq_compile.runtime.generate import build_engine, generate_stream, last_stats
+from optgptq_compile.runtime.scheduler import cache_kwarg
 from tests.models import call_targets, recording, tiny_bloom, tiny_llama
 
 # prompt lengths 1..64 (1: nothing but the query; 64 spans 16 blocks of 4), max_new_tokens all different
@@ -52,6 +53,24 @@ def test_eager_matches_hf(name, num_blocks, overlap, references):
     assert (stats["preemptions"] > 0) == (num_blocks == TIGHT)  # the tight pool did take the preemption path
     assert stats["peak_blocks_used"] <= (num_blocks or 10**9)
     assert (stats["overlapped_steps"] > 0) == overlap
+
+
+def test_cache_goes_by_the_name_forward_takes(references):
+    """transformers renamed forward's ``past_key_values`` to ``cache``: the engine passes the cache by the name the
+    model's forward has. A forward with only the old name (as in transformers 5.17) must still be served."""
+    model = tiny_llama()
+    current = cache_kwarg(model)
+
+    class OldName(type(model)):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **{current: past_key_values})
+
+    model.__class__ = OldName
+    assert cache_kwarg(model) == "past_key_values"
+    prompts, ref = references["llama"]
+    assert optgptq_compile.generate(model, prompts[:4], NEW[:4], block_size=BLOCK) == ref[:4]
 
 
 def generate_and_check(model, prompts, num_blocks, **kw):

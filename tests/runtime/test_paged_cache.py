@@ -1,10 +1,12 @@
-"""PagedKVCache as ``past_key_values`` in HF generate: the same tokens and logits as DynamicCache."""
+"""PagedKVCache as HF generate's cache (``cache=``, or ``past_key_values=`` in older transformers): the same tokens
+and logits as DynamicCache."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from optgptq_compile.runtime.paged_cache import PagedKVCache
+from optgptq_compile.runtime.scheduler import cache_kwarg
 from tests.models import tiny_bloom, tiny_llama
 
 
@@ -18,9 +20,9 @@ def test_hf_generate_same_as_dynamic_cache(make):
     mask[2, :10] = 0  # a one-token prompt
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True,
               return_dict_in_generate=True)
-    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    ref = model.generate(ids, **{cache_kwarg(model): DynamicCache(config=model.config)}, **kw)
     cache = PagedKVCache(model.config, num_blocks=30, block_size=4)  # 3 rows x 23 tokens = 18 blocks
-    out = model.generate(ids, past_key_values=cache, **kw)
+    out = model.generate(ids, **{cache_kwarg(model): cache}, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == ids.shape[1] + 12 - 1  # the last token is never fed back
@@ -59,7 +61,7 @@ def test_compiled_hf_generate_with_padding_keeps_the_gather():
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     model.forward = torch.compile(model.forward, backend="optgptq", options={"bits": None})
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         past_key_values=PagedKVCache(model.config, num_blocks=16, block_size=4))
+                         **{cache_kwarg(model): PagedKVCache(model.config, num_blocks=16, block_size=4)})
     assert torch.equal(out, ref)
     stats = optgptq_compile.stats()
     assert stats["paged_kv_skipped"] > 0 and "paged_attention_rewritten" not in stats
