@@ -5,8 +5,9 @@ Three paths, chosen by M in ``pick_config`` (tuned on the H100; numbers in bench
     last program of each column tile adds the splits' fp32 partial sums (no zero fill, no cast kernel); each value
     dequantized as a subnormal float (one LOP3 + one FFMA per weight, the zero point once per tile).
   * wdot (M = 2..64, 2/4/8 bits; ``gptq_dot_kernel``): the weight tile is the dot's 64-row side, dequantized in the
-    K loop as 16-bit half-words straight into the tensor-core operand registers (bf16 2/4 bits, fp16 2/4/8 bits;
-    ``half_word_magic``) or else as words through shared memory, split-K reduced by the last program; 3 bits use
+    K loop as pairs of 16-bit half-words (one shift and one and-or per word) straight into the tensor-core operand
+    registers (bf16 2/4 bits, fp16 2/4/8 bits; ``half_word_magic``) or else as words through shared memory, split-K
+    reduced by the last program; 3 bits use
     ``gptq_matmul_kernel`` (16-row dots).
   * dequant (M >= DEQUANT_MIN_M, prefill): a Triton pass writes the dense weight, then ``torch.mm`` (cuBLAS /
     hipBLASLt); faster here than the fused dot kernels at these sizes. For long prompts (M >= CHUNK_MIN_M) in
@@ -78,11 +79,16 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         # H100 sweeps, 11008x4096 (RESULTS.md): M=16 with words 40.3 us with 16x256x64 tiles (49.6 with
         # 16x128x128); M=2..16 with half-words ~28 us with 16x128x64, 3 stages (31 with 16x128x128; session 6);
         # M=64 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us; half-words 65 us)
-        if m <= 16 and bits in (2, 4):  # half-word dequant (MAGIC16), 16 half-words a column: session 6 probe
-            # (M=4/16: 128 columns 28-30 us at up/down, 256 columns 31-35; fused q/k/v and gate/up, N >= 12288,
-            # the other way round: 31/47 us with 256 columns, 35/54 with 128)
-            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256 if n >= 12288 else 128, BLOCK_K=64 * (4 // bits),
-                       num_warps=4, num_stages=3)
+        if m <= 16 and bits in (2, 4):  # half-word dequant (MAGIC16). Session 18 (H100, 7B shapes, RESULTS.md):
+            # 128 x 128 tiles, 3 stages (64-deep tiles +1-3 us, 256 columns +4-10, 4 stages +1-2). The build holds 3
+            # programs an SM (132 registers); how many splits to launch was measured, not derived: M <= 8 runs
+            # best with one wave of them (up 24.6 -> 23.3 us, gate/up 48.3 -> 41.0), M = 9..16 with ~4 an SM
+            # (1.3-1.5 waves: up 26.8 -> 23.6, down 27.4 -> 24.8) except gate/up (37.7 -> 42.8)
+            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, PER_SM=3)
+            if m <= 8:
+                cfg["ONE_WAVE"] = True
+            elif n < 16384:
+                cfg["PER_SM"] = 4
         elif m <= 16:
             cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)
         else:
@@ -93,7 +99,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         cfg.update(BLOCK_N=128, BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=2)
     while cfg["BLOCK_K"] > 16 and gs % cfg["BLOCK_K"] and gs < k:  # a tile must not straddle two groups
         cfg["BLOCK_K"] //= 2
-    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=cfg.get("PER_SM", 4), one_wave=cfg["KERNEL"] == "gemv")
+    cfg["SPLIT_K"] = _split_k(m, n, k, cfg, num_sms, per_sm=cfg.get("PER_SM", 4),
+                              one_wave=cfg["KERNEL"] == "gemv" or cfg.get("ONE_WAVE", False))
     return cfg
 
 
@@ -312,7 +319,8 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
     m, k = x2.shape
     n = scales.shape[-1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    split = cfg["SPLIT_K"] or _split_k(m, n, k, cfg, num_sms(device_index(x2)), per_sm=cfg.get("PER_SM", 4))
+    split = cfg["SPLIT_K"] or _split_k(m, n, k, cfg, num_sms(device_index(x2)), per_sm=cfg.get("PER_SM", 4),
+                                       one_wave=cfg.get("ONE_WAVE", False))
     k_per_split = -(-k // (split * bk)) * bk  # whole tiles per split
     split = -(-k // k_per_split)
     grid = (-(-m // bm), -(-n // bn), split)
@@ -321,7 +329,7 @@ def _wdot(x2, qweight, qzeros, scales, g_idx, bias, bits, gs, cfg, launch, resid
     part = x2.new_empty(split, m, n, dtype=torch.float32) if reduce else y  # [splits, M, N] partial sums
     locks = _split_locks(x2, grid[0] * grid[1]) if reduce else g_idx
     if launch:
-        use_pdl = pdl(x2)
+        use_pdl = pdl(x2) and cfg.get("PDL", True)  # programmatic dependent launch (triton_utils.pdl)
         # every constexpr passed explicitly: Inductor's launcher for wrap_triton kernels ignores Python defaults
         wrap_triton(kernels("triton_gptq_linear_kernel").gptq_dot_kernel)[grid](
             x2, qweight, qzeros, scales, g_idx, bias if bias is not None else scales,

@@ -242,23 +242,39 @@ def _values(lo, hi, z, magic, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.cons
 
 
 @triton.jit
-def _half_word_dots(t, h, xv, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, BITS: tl.constexpr,
+def _x_by_value(x_ptr, offs_m, mask_m, stride_xm, k0, k_end, HALF: tl.constexpr, HW: tl.constexpr):
+    """x's tile k0 for the half-word dots, [HW, BM, HALF]: element (c, m, j) is x[m, k0 + HALF*c + j], the input
+    channel of value j of half-word c. The HALF values of a (c, m) are adjacent in memory (one vector load) and
+    in-thread (``tl.split`` takes them apart without moving data). Nothing from k_end on: the prefetch after a
+    program's last tile reads nothing, and a partial last tile reads zeros."""
+    k = k0 + HALF * tl.arange(0, HW)[:, None, None] + tl.arange(0, HALF)[None, None, :]  # [HW, 1, HALF]
+    return tl.load(x_ptr + offs_m[None, :, None] * stride_xm + k, mask=mask_m[None, :, None] & (k < k_end),
+                   other=0.0)
+
+
+@triton.jit
+def _half_word_dots(t, words, zb, xv, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, BITS: tl.constexpr,
                     MAGIC16: tl.constexpr, DT: tl.constexpr):
-    """t [BN, BM] += sum over the CNT values j = J0, J0+STEP, ... of (value j of every half-word of h, as
-    MAGIC16 + q) @ x_j^T. h [BN, HW] int16 half-words; xv [BM, HW, 2, ...] x with the values j of a half-word
-    along the trailing dims, lowest bit of j last (``tl.split`` peels one bit per level).
-    Value j sits at bits j*BITS of its half-word: one shift and one mask-or per value give the bits of MAGIC16 + q
-    (bf16 0x4300 = 128, fp16 0x6400 = 1024, both with a unit last mantissa bit, so the value is exact). Every op
-    from the int16 load to the dot operand is elementwise and never narrows, so Triton's dot-operand hoisting
-    loads h from shared memory straight into the tensor-core operand registers: no shared-memory round trip of
-    the dequantized tile (the join + reshape of ``_values`` forces one)."""
+    """t [BN, BM] += sum over the CNT value positions j = J0, J0+STEP, ... of (value j of every half-word of the
+    tile, q - z) @ x_j. words [BN, BKW] int32, each two half-words (c = 2r low, 2r + 1 high); zb [BN, 1] the zero
+    point as MAGIC16 + z in DT; xv [HW, BM, 2, ...] ``_x_by_value``'s tile with the value positions along the
+    trailing dims, lowest bit of j last (``tl.split`` peels one bit per level).
+    Value j of both half-words of a word comes out with one shift and one and-or on the 32-bit word: masked in
+    place and or-ed with MAGIC16 in each half, its bits are the 16-bit float MAGIC16 + q (bf16 0x4300 = 128, fp16
+    0x6400 = 1024, both with a unit last mantissa bit, so exact), and one packed subtraction of MAGIC16 + z leaves q
+    - z, exact. The join and reshape into [BN, HW] put the two halves of a word at adjacent k, the pair a
+    tensor-core operand register holds, so Triton loads the words from shared memory straight into the operand
+    layout: no shared-memory round trip of the dequantized tile, no 16-bit shifts (which LLVM splits into unpack,
+    shift and repack), no per-tile sum of x."""
     if CNT == 1:
-        a = (((h >> (J0 * BITS)) & ((1 << BITS) - 1)) | MAGIC16).to(DT, bitcast=True)  # [BN, HW]
-        return tl.dot(a, tl.trans(xv), t)
+        M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001  # BITS bits at the bottom of each half
+        v = ((words >> (J0 * BITS)) & M2) | (MAGIC16 * 0x10001)  # [BN, BKW] two MAGIC16 + q per word
+        a = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(words.shape[0], 2 * words.shape[1])
+        return tl.dot(a.to(DT, bitcast=True) - zb, xv, t)  # [BN, HW] @ [HW, BM]
     else:
         x_even, x_odd = tl.split(xv)
-        t = _half_word_dots(t, h, x_even, J0, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
-        return _half_word_dots(t, h, x_odd, J0 + STEP, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
+        t = _half_word_dots(t, words, zb, x_even, J0, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
+        return _half_word_dots(t, words, zb, x_odd, J0 + STEP, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
 
 
 @triton.jit
@@ -324,12 +340,15 @@ def gptq_dot_kernel(
     (``act="silu_mul"``: the columns are [gate | up]) column tiles t and t + tiles / 2 count on one counter, and the
     last of their 2 x splits programs writes y[:, t's columns] = silu(gate) * up (as the gemv kernel does).
 
-    With MAGIC16 the tile is instead loaded as int16 half-words h [BN, HW] (HW = 2 * BKW) and contracted as
-    PER // 2 dots, one per value position j: half-word c holds input channels 4c + j (4 bits), so x's tile is
-    permuted to match (a reshape and splits of a [BM, BK] tile, no gathers). Each operand is MAGIC16 + q; the
-    offset and the zero point come off once per tile from the sum of x: s * (t - (offset + z) * sum_k x).
-    On the H100 this is 1.2-1.7x faster than the word path with 16-row blocks (benchmarks/RESULTS.md, session 6)
-    and slower with 64-row blocks, where the launcher keeps words."""
+    With MAGIC16 (16-row blocks) each word is taken as two 16-bit half-words, and the tile is contracted as PER // 2
+    dots, one per value position j (``_half_word_dots``): half-word c holds input channels HALF*c + j, so x's tile
+    comes in as [HW, BM, HALF] (``_x_by_value``: the HALF channels of a half-word are adjacent, one vector load),
+    a tile ahead in registers, and ``tl.split`` hands each dot its x_j. Each operand is q - z, exact; the group's
+    scale multiplies the tile's fp32 result. On the H100 (session 18, benchmarks/RESULTS.md; with 128-deep tiles and
+    its split counts) this is 1.17-1.27x faster at M=16 on the 7B shapes, 1.03-1.22x at M=2..8, than session 6's
+    half-words, which shifted 16-bit values (unpack + shift + repack each), summed x per tile across the warps, and
+    moved every x_j through shared memory behind a barrier and a tensor-core wait. Words stay for 64-row blocks,
+    where half-words ran 1.4x slower in session 6."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -338,7 +357,6 @@ def gptq_dot_kernel(
     if PDL:  # programmatic dependent launch (triton_utils.pdl): let the next kernel start, wait for the last one
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    hw = tl.arange(0, HW)
     pid_m = tl.program_id(0)  # fastest: the row blocks of one column tile run together (weights read once)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -351,29 +369,22 @@ def gptq_dot_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     bad = tl.zeros((BLOCK_K,), dtype=tl.int32)  # per tile row: how often its g_idx was not k // group_size
+    if MAGIC16 != 0:  # x's first tile; the loop loads each next one a tile ahead, into registers
+        x_next = _x_by_value(x_ptr, offs_m, mask_m, stride_xm, k_start, k_end, HALF, HW)  # [HW, BM, HALF]
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         rows = k0 // PER + tl.arange(0, BKW)  # [BKW] word rows
-        hw_rows = k0 // PER + hw // 2  # [HW] the word row of each half-word
         g = 0 if GROUP_TILES == 0 else k0 // BLOCK_K // GROUP_TILES  # the tile's group
-        if MAGIC16 == 0:
-            w_ptrs = qw_ptr + offs_n[:, None] + rows[None, :] * N  # [BN, BKW] words
-            w_rows = rows
-        else:  # [BN, HW] half-words: half c of a column is the low (c even) or high half of word row c // 2
-            w_ptrs = qw_ptr.to(tl.pointer_type(tl.int16)) + 2 * offs_n[:, None] + (hw_rows * 2 * N + hw % 2)[None, :]
-            w_rows = hw_rows
-        x_ptrs = x_ptr + offs_k[:, None] + offs_m[None, :] * stride_xm  # [BK, BM]
+        w_ptrs = qw_ptr + offs_n[:, None] + rows[None, :] * N  # [BN, BKW] words
         if EVEN_K:
             bad += (tl.load(g_ptr + offs_k) != g).to(tl.int32)
-            x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
             if EVEN_N:
                 words = tl.load(w_ptrs)
             else:
                 words = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
         else:
             bad += ((tl.load(g_ptr + offs_k, mask=offs_k < K, other=0) != g) & (offs_k < K)).to(tl.int32)
-            x = tl.load(x_ptrs, mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
-            words = tl.load(w_ptrs, mask=mask_n[:, None] & (w_rows < K // PER)[None, :], other=0)
+            words = tl.load(w_ptrs, mask=mask_n[:, None] & (rows < K // PER)[None, :], other=0)
         if EVEN_N:
             s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)  # [BN]
             z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, offs_n >= 0, BITS)  # [BN]
@@ -381,21 +392,26 @@ def gptq_dot_kernel(
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = _word_bits(qz_ptr + g * ZW, offs_n * BITS, mask_n, BITS)
         if MAGIC16 == 0:
+            x_ptrs = x_ptr + offs_k[:, None] + offs_m[None, :] * stride_xm  # [BK, BM]
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
             w = tl.reshape(_values(words, words >> half_shift, z, magic, 0, 1, PER, BITS, DT), (BLOCK_N, BLOCK_K))
             acc += tl.dot(w, x) * s[:, None]
         else:
-            xs = tl.sum(x.to(tl.float32), axis=0)  # [BM] sum of the tile's x, for the offset and zero point
-            xt = tl.trans(x)  # [BM, BK]
+            x = x_next
+            x_next = _x_by_value(x_ptr, offs_m, mask_m, stride_xm, k0 + BLOCK_K, k_end, HALF, HW)
             if HALF == 2:
-                xv = tl.reshape(xt, (BLOCK_M, HW, 2))
+                xv = x
             elif HALF == 4:
-                xv = tl.reshape(xt, (BLOCK_M, HW, 2, 2))
+                xv = tl.reshape(x, (HW, BLOCK_M, 2, 2))
             else:
-                xv = tl.reshape(xt, (BLOCK_M, HW, 2, 2, 2))
-            t = _half_word_dots(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, xv, 0, 1, HALF, BITS,
-                                MAGIC16, DT)  # [BN, BM]; words: the [BN, HW] half-words here
-            off = tl.full((), MAGIC16, tl.int16).to(DT, bitcast=True).to(tl.float32)  # 128.0 or 1024.0
-            acc += t * s[:, None] - (s * (z.to(tl.float32) + off))[:, None] * xs[None, :]
+                xv = tl.reshape(x, (HW, BLOCK_M, 2, 2, 2))
+            zb = (z.to(tl.int16) | MAGIC16).to(DT, bitcast=True)[:, None]  # [BN, 1] MAGIC16 + z
+            t = _half_word_dots(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, zb, xv, 0, 1, HALF, BITS,
+                                MAGIC16, DT)  # [BN, BM]
+            acc += t * s[:, None]
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
         acc = _any_group_rows(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
                               stride_xm, k_start, k_end, BITS, BLOCK_M, BLOCK_N)
@@ -440,11 +456,23 @@ def gptq_dot_kernel(
 @triton.jit
 def _dot_partials(part_ptr, M, N, offs_m, offs_n, mask, b_ptr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-    """gptq_dot_kernel's split-K sum of the [BN, BM] output tile at (offs_n, offs_m), in split order, + bias."""
+    """gptq_dot_kernel's split-K sum of the [BN, BM] output tile at (offs_n, offs_m), in split order, + bias. Four
+    splits' loads are in flight at once: one at a time waited an L2 round trip per split (H100, session 18: o
+    4096x4096 at M=16, 17 splits, 16.2 -> 14.1 us). Four [BN, BM] tiles in the accumulator's own layout, so no
+    data moves between threads (a [4, BN, BM] load summed over its first axis ran 1.4-2.4x slower)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for i in range(0, tl.num_programs(2)):
-        acc += tl.load(part_ptr + i * M * N + offs_m[None, :] * N + offs_n[:, None], mask=mask, other=0.0,
-                       cache_modifier=".cg")
+    splits = tl.num_programs(2)
+    p = part_ptr + offs_m[None, :] * N + offs_n[:, None]  # [BN, BM]
+    for i in range(0, splits, 4):
+        more = offs_n[:, None] * 0 + i  # [BN, 1] (a tensor: the interpreter masks only with tensors)
+        p0 = tl.load(p + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        p1 = tl.load(p + (i + 1) * M * N, mask=mask & (more + 1 < splits), other=0.0, cache_modifier=".cg")
+        p2 = tl.load(p + (i + 2) * M * N, mask=mask & (more + 2 < splits), other=0.0, cache_modifier=".cg")
+        p3 = tl.load(p + (i + 3) * M * N, mask=mask & (more + 3 < splits), other=0.0, cache_modifier=".cg")
+        acc = acc + p0  # in split order: the sum does not depend on which split arrived last
+        acc = acc + p1
+        acc = acc + p2
+        acc = acc + p3
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     return acc
