@@ -80,15 +80,11 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, num_sms: int
         # 16x128x128); M=2..16 with half-words ~28 us with 16x128x64, 3 stages (31 with 16x128x128; session 6);
         # M=64 44.9 us with 64x64x128 (53.8 with 64x128x128; dequant + cuBLAS 87 us; half-words 65 us)
         if m <= 16 and bits in (2, 4):  # half-word dequant (MAGIC16). Session 18 (H100, 7B shapes, RESULTS.md):
-            # 128 x 128 tiles, 3 stages (64-deep tiles +1-3 us, 256 columns +4-10, 4 stages +1-2). The build holds 3
-            # programs an SM (132 registers); how many splits to launch was measured, not derived: M <= 8 runs
-            # best with one wave of them (up 24.6 -> 23.3 us, gate/up 48.3 -> 41.0), M = 9..16 with ~4 an SM
-            # (1.3-1.5 waves: up 26.8 -> 23.6, down 27.4 -> 24.8) except gate/up (37.7 -> 42.8)
-            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, PER_SM=3)
-            if m <= 8:
-                cfg["ONE_WAVE"] = True
-            elif n < 16384:
-                cfg["PER_SM"] = 4
+            # 128 x 128 tiles, 3 stages (64-deep tiles +1-3 us, 256 columns +4-10, 4 stages +1-2, 8 warps 2.4-4x
+            # slower); the build holds 3 programs an SM (154 registers) and runs best with one wave of them (~4 an
+            # SM, 1.3-1.5 waves: M=16 up 21.3 -> 25.7 us, gate/up 37.1 -> 47.6)
+            cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, PER_SM=3,
+                       ONE_WAVE=True)
         elif m <= 16:
             cfg = dict(KERNEL="wdot", BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4)
         else:

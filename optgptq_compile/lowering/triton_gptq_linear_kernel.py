@@ -253,28 +253,29 @@ def _x_by_value(x_ptr, offs_m, mask_m, stride_xm, k0, k_end, HALF: tl.constexpr,
 
 
 @triton.jit
-def _half_word_dots(t, words, zb, xv, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, BITS: tl.constexpr,
+def _half_word_dots(t, words, xv, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, BITS: tl.constexpr,
                     MAGIC16: tl.constexpr, DT: tl.constexpr):
     """t [BN, BM] += sum over the CNT value positions j = J0, J0+STEP, ... of (value j of every half-word of the
-    tile, q - z) @ x_j. words [BN, BKW] int32, each two half-words (c = 2r low, 2r + 1 high); zb [BN, 1] the zero
-    point as MAGIC16 + z in DT; xv [HW, BM, 2, ...] ``_x_by_value``'s tile with the value positions along the
-    trailing dims, lowest bit of j last (``tl.split`` peels one bit per level).
+    tile, as MAGIC16 + q) @ x_j. words [BN, BKW] int32, each two half-words (c = 2r low, 2r + 1 high); xv [HW, BM,
+    2, ...] ``_x_by_value``'s tile with the value positions along the trailing dims, lowest bit of j last
+    (``tl.split`` peels one bit per level).
     Value j of both half-words of a word comes out with one shift and one and-or on the 32-bit word: masked in
     place and or-ed with MAGIC16 in each half, its bits are the 16-bit float MAGIC16 + q (bf16 0x4300 = 128, fp16
-    0x6400 = 1024, both with a unit last mantissa bit, so exact), and one packed subtraction of MAGIC16 + z leaves q
-    - z, exact. The join and reshape into [BN, HW] put the two halves of a word at adjacent k, the pair a
-    tensor-core operand register holds, so Triton loads the words from shared memory straight into the operand
-    layout: no shared-memory round trip of the dequantized tile, no 16-bit shifts (which LLVM splits into unpack,
-    shift and repack), no per-tile sum of x."""
+    0x6400 = 1024, both with a unit last mantissa bit, so exact). The join and reshape into [BN, HW] put the two
+    halves of a word at adjacent k, the pair a tensor-core operand register holds, so Triton loads the words from
+    shared memory straight into the operand layout: no shared-memory round trip of the dequantized tile and no
+    16-bit shifts (which LLVM splits into unpack, shift and repack). The offset and the zero point come off after
+    the dot (the caller), not per value: a packed bf16 subtraction of MAGIC16 + z here made LLVM swap the halves of
+    every pair before and after it (2 PRMT per word and value, H100 session 18: 2-11% slower)."""
     if CNT == 1:
         M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001  # BITS bits at the bottom of each half
         v = ((words >> (J0 * BITS)) & M2) | (MAGIC16 * 0x10001)  # [BN, BKW] two MAGIC16 + q per word
         a = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(words.shape[0], 2 * words.shape[1])
-        return tl.dot(a.to(DT, bitcast=True) - zb, xv, t)  # [BN, HW] @ [HW, BM]
+        return tl.dot(a.to(DT, bitcast=True), xv, t)  # [BN, HW] @ [HW, BM]
     else:
         x_even, x_odd = tl.split(xv)
-        t = _half_word_dots(t, words, zb, x_even, J0, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
-        return _half_word_dots(t, words, zb, x_odd, J0 + STEP, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
+        t = _half_word_dots(t, words, x_even, J0, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
+        return _half_word_dots(t, words, x_odd, J0 + STEP, STEP * 2, CNT // 2, BITS, MAGIC16, DT)
 
 
 @triton.jit
@@ -343,12 +344,12 @@ def gptq_dot_kernel(
     With MAGIC16 (16-row blocks) each word is taken as two 16-bit half-words, and the tile is contracted as PER // 2
     dots, one per value position j (``_half_word_dots``): half-word c holds input channels HALF*c + j, so x's tile
     comes in as [HW, BM, HALF] (``_x_by_value``: the HALF channels of a half-word are adjacent, one vector load),
-    a tile ahead in registers, and ``tl.split`` hands each dot its x_j. Each operand is q - z, exact; the group's
-    scale multiplies the tile's fp32 result. On the H100 (session 18, benchmarks/RESULTS.md; with 128-deep tiles and
-    its split counts) this is 1.17-1.27x faster at M=16 on the 7B shapes, 1.03-1.22x at M=2..8, than session 6's
-    half-words, which shifted 16-bit values (unpack + shift + repack each), summed x per tile across the warps, and
-    moved every x_j through shared memory behind a barrier and a tensor-core wait. Words stay for 64-row blocks,
-    where half-words ran 1.4x slower in session 6."""
+    a tile ahead in registers, and ``tl.split`` hands each dot its x_j. Each operand is MAGIC16 + q, exact; the
+    offset and the zero point come off once per tile from the sum of x: s * (t - (MAGIC16 + z) * sum_k x). On the
+    H100 (session 18, benchmarks/RESULTS.md; 128-deep tiles, one wave) this is 1.17-1.42x faster at M=2..16 on the
+    7B shapes than session 6's half-words, which shifted 16-bit values (unpack + shift + repack each) and moved
+    every x_j through shared memory behind a barrier and a tensor-core wait. Words stay for 64-row blocks, where
+    half-words ran 1.4x slower in session 6."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PER
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -408,10 +409,11 @@ def gptq_dot_kernel(
                 xv = tl.reshape(x, (HW, BLOCK_M, 2, 2))
             else:
                 xv = tl.reshape(x, (HW, BLOCK_M, 2, 2, 2))
-            zb = (z.to(tl.int16) | MAGIC16).to(DT, bitcast=True)[:, None]  # [BN, 1] MAGIC16 + z
-            t = _half_word_dots(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, zb, xv, 0, 1, HALF, BITS,
-                                MAGIC16, DT)  # [BN, BM]
-            acc += t * s[:, None]
+            t = _half_word_dots(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, xv, 0, 1, HALF, BITS,
+                                MAGIC16, DT)  # [BN, BM]: sum over the tile of (MAGIC16 + q) * x
+            xs = tl.sum(tl.sum(x.to(tl.float32), axis=2), axis=0)  # [BM] the tile's sum of x
+            off = tl.full((), MAGIC16, tl.int16).to(DT, bitcast=True).to(tl.float32)  # 128.0 or 1024.0
+            acc += t * s[:, None] - (s * (z.to(tl.float32) + off))[:, None] * xs[None, :]
     if tl.sum(bad, axis=0) != 0:  # g_idx is not k // group_size here: per-row groups
         acc = _any_group_rows(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, mask_m, offs_n, mask_n, N, K, ZW,
                               stride_xm, k_start, k_end, BITS, BLOCK_M, BLOCK_N)
