@@ -93,20 +93,26 @@ def variant_source(name: str) -> str:
     raise KeyError(f"unknown variant {name!r}")
 
 
+def module_from_source(name: str, src: str):
+    """A kernel module made from source text (written to $TMPDIR/<name>.py, so @triton.jit can read it back, and
+    registered in sys.modules under ``name``). Shared with wdot_ab.py, which loads another revision's kernel."""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # @triton.jit reads the source back through the module
+    spec.loader.exec_module(mod)
+    return mod
+
+
 _loaded: dict = {}
 
 
 def load(name: str):
     if name not in _loaded:
         tag = os.path.splitext(os.path.basename(name))[0] if name.startswith("file:") else name
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gemv_probe_{tag}.py")
-        with open(path, "w") as f:
-            f.write(variant_source(name))
-        spec = importlib.util.spec_from_file_location(f"gemv_probe_{tag}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # @triton.jit reads the source back through the module
-        spec.loader.exec_module(mod)
-        _loaded[name] = mod
+        _loaded[name] = module_from_source(f"gemv_probe_{tag}", variant_source(name))
     return _loaded[name]
 
 

@@ -16,7 +16,6 @@ is checked against the reference. Timing as in bench_gptq_matmul.py. Writes ``wd
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gptq_matmul import copies_for, random_gptq, rel_err, tinygemm_weight  # noqa: E402
-from gemv_probe import SHAPES  # noqa: E402
+from gemv_probe import SHAPES, module_from_source  # noqa: E402
 from timing import time_graph  # noqa: E402
 
 from optgptq_compile.lowering import triton_gptq_linear as T  # noqa: E402
@@ -35,16 +34,9 @@ from optgptq_compile.lowering.gptq_linear import torch_gptq_linear  # noqa: E402
 
 def load_kernel_module(path: str):
     """The other revision's kernel module, its relative import made absolute (it is loaded from outside the
-    package); registered in sys.modules because @triton.jit reads the source back through the module."""
+    package)."""
     src = open(path).read().replace("from .triton_utils import", "from optgptq_compile.lowering.triton_utils import")
-    copy = os.path.join(os.environ.get("TMPDIR", "/tmp"), "wdot_ab_old_kernel.py")
-    with open(copy, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("wdot_ab_old_kernel", copy)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source("wdot_ab_old_kernel", src)
 
 
 def main():
